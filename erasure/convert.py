@@ -1,0 +1,247 @@
+"""Export an ldm LatentDiffusion (with any increments folded in) to diffusers.
+
+A full export is a folder in ``StableDiffusionPipeline.save_pretrained`` layout; a UNet-only
+export is ``UNet2DConditionModel.save_pretrained`` (one safetensors file + its config.json).
+Key renaming is done by diffusers' own single-file converters, driven by the model's own
+config, so the result is checked against an independent implementation: the converted state
+dicts must load strictly into the diffusers models, or the export stops.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    create_unet_diffusers_config_from_ldm,
+    create_vae_diffusers_config_from_ldm,
+)
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+from ldm.modules.incremental_linear import incremental_linears
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+#: CompVis ``make_beta_schedule`` names -> diffusers ``beta_schedule`` names of the same betas.
+BETA_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "linear"}
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}
+#: CompVis DDPM defaults, used when a config leaves the schedule out.
+DEFAULT_SCHEDULE = {"linear_start": 1e-4, "linear_end": 2e-2, "beta_schedule": "linear"}
+ALPHAS_CUMPROD_TOLERANCE = 1e-5
+
+
+class ExportError(ValueError):
+    """A model that cannot be exported as asked; the message says what to do instead."""
+
+
+def _model_config(model: nn.Module) -> DictConfig:
+    config = getattr(model, "ldm_config", None)
+    if config is None:
+        raise ExportError(
+            "The model carries no ldm config (model.ldm_config); load it with "
+            "erasure.loading.load_model so that the export can read its architecture."
+        )
+    return config
+
+
+def effective_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every active, unmerged increment folded into its weight.
+
+    Increment coefficients are dropped from the result, so the keys are those of the plain
+    CompVis model and any exporter sees the weights the module actually computes with.
+    """
+    state = {key: value.detach() for key, value in module.state_dict().items()}
+    for name, linear in incremental_linears(module).items():
+        prefix = f"{name}." if name else ""
+        for key in [key for key in state if key.startswith(prefix)]:
+            if key not in (f"{prefix}weight", f"{prefix}bias"):
+                del state[key]
+        if not linear.merged and linear.active_names:
+            state[f"{prefix}weight"] = (linear.weight + linear.delta_weight(linear.active_names)).detach()
+    return state
+
+
+def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{key}": value for key, value in state.items()}
+
+
+def _load_strictly(target: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load a converted state dict; a key the converter missed means the export would be wrong."""
+    incompatible = target.load_state_dict(state, strict=False)
+    if incompatible.missing_keys or incompatible.unexpected_keys:
+        raise ExportError(
+            f"diffusers' converter could not map this {what}: missing "
+            f"{incompatible.missing_keys[:5]}, unexpected {incompatible.unexpected_keys[:5]}. "
+            f"Its architecture has no diffusers equivalent; export is not possible."
+        )
+
+
+def diffusers_unet_config(model: nn.Module) -> dict[str, Any]:
+    """The ``UNet2DConditionModel`` config of the model's UNet, from its ldm config."""
+    unet_params = OmegaConf.to_container(_model_config(model).model.params.unet_config.params, resolve=True)
+    # diffusers reads the VAE's ch_mult only to turn a pixel image size into the latent
+    # sample_size; sample_size is set from the model's latent size below, so a neutral
+    # factor lets the same converter serve first stages that are not KL autoencoders.
+    converter_view = {
+        "model": {
+            "params": {
+                "unet_config": {"params": unet_params},
+                "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1]}}},
+            }
+        }
+    }
+    config = create_unet_diffusers_config_from_ldm(converter_view, checkpoint={})
+    config["sample_size"] = int(model.image_size)
+    head_channels = unet_params.get("num_head_channels", -1)
+    if head_channels != -1:
+        # CompVis then derives the head count per level; diffusers' "attention_head_dim"
+        # is in fact that head count.
+        config["attention_head_dim"] = [width // head_channels for width in config["block_out_channels"]]
+    return config
+
+
+def to_diffusers_unet(model: nn.Module) -> UNet2DConditionModel:
+    """The model's UNet (increments folded in) as a diffusers ``UNet2DConditionModel``."""
+    config = diffusers_unet_config(model)
+    ldm_state = _prefixed(UNET_PREFIX, effective_state_dict(model.model.diffusion_model))
+    unet = UNet2DConditionModel(**config)
+    _load_strictly(unet, convert_ldm_unet_checkpoint(ldm_state, config), "UNet")
+    return unet.to(next(model.parameters()).dtype)
+
+
+def to_diffusers_vae(model: nn.Module) -> DiffusersAutoencoderKL:
+    """The model's first stage as a diffusers ``AutoencoderKL`` with the model's scale factor."""
+    first_stage = model.first_stage_model
+    if not isinstance(first_stage, AutoencoderKL):
+        raise ExportError(
+            f"A full diffusers export needs an AutoencoderKL first stage; this model's is "
+            f"{type(first_stage).__name__}. Export the UNet alone with --unet_only "
+            f"(unet_only=True)."
+        )
+    config = _model_config(model)
+    ddconfig = config.model.params.first_stage_config.params.ddconfig
+    embed_dim = config.model.params.first_stage_config.params.embed_dim
+    if list(ddconfig.get("attn_resolutions", [])) or not ddconfig.get("double_z", True) or embed_dim != ddconfig.z_channels:
+        raise ExportError(
+            "diffusers' AutoencoderKL needs attn_resolutions [], double_z true and embed_dim == "
+            f"z_channels; this VAE has {list(ddconfig.get('attn_resolutions', []))}, "
+            f"{ddconfig.get('double_z')}, {embed_dim} vs {ddconfig.z_channels}. Use --unet_only."
+        )
+    vae_config = create_vae_diffusers_config_from_ldm(
+        OmegaConf.to_container(config, resolve=True), checkpoint={}, scaling_factor=float(model.scale_factor)
+    )
+    vae_config["sample_size"] = int(model.image_size) * 2 ** (len(ddconfig.ch_mult) - 1)
+    vae = DiffusersAutoencoderKL(**vae_config)
+    ldm_state = _prefixed(VAE_PREFIX, effective_state_dict(first_stage))
+    _load_strictly(vae, convert_ldm_vae_checkpoint(ldm_state, vae_config), "VAE")
+    return vae.to(next(first_stage.parameters()).dtype)
+
+
+def to_diffusers_scheduler(model: nn.Module) -> DDIMScheduler:
+    """A DDIMScheduler with the model's training schedule, in the SD v1 sampling settings."""
+    params = _model_config(model).model.params
+    schedule = {key: params.get(key, default) for key, default in DEFAULT_SCHEDULE.items()}
+    if model.parameterization not in PREDICTION_TYPES:
+        raise ExportError(
+            f"diffusers has no prediction type for parameterization {model.parameterization!r}; "
+            f"only {sorted(PREDICTION_TYPES)} can be exported."
+        )
+    schedule_settings: dict[str, Any] = (
+        {"beta_schedule": BETA_SCHEDULES[schedule["beta_schedule"]]}
+        if schedule["beta_schedule"] in BETA_SCHEDULES
+        else {"trained_betas": model.betas.detach().cpu().double().numpy()}
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=int(model.num_timesteps),
+        beta_start=float(schedule["linear_start"]),
+        beta_end=float(schedule["linear_end"]),
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type=PREDICTION_TYPES[model.parameterization],
+        **schedule_settings,
+    )
+    gap = (scheduler.alphas_cumprod - model.alphas_cumprod.detach().cpu().float()).abs().max().item()
+    if gap > ALPHAS_CUMPROD_TOLERANCE:
+        raise ExportError(
+            f"The exported scheduler's alphas_cumprod differ from the model's by {gap:.2e}; the "
+            f"config's schedule ({schedule}) does not match the model's buffers."
+        )
+    return scheduler
+
+
+def to_diffusers_pipeline(model: nn.Module) -> StableDiffusionPipeline:
+    """The whole model as a StableDiffusionPipeline (no safety checker, no feature extractor)."""
+    vae = to_diffusers_vae(model)
+    text_encoder = model.cond_stage_model
+    if not isinstance(text_encoder, FrozenCLIPEmbedder):
+        raise ExportError(
+            f"A full diffusers export needs a FrozenCLIPEmbedder text encoder; this model's is "
+            f"{type(text_encoder).__name__}. Use --unet_only."
+        )
+    tokenizer = text_encoder.tokenizer
+    if tokenizer.model_max_length != text_encoder.max_length:
+        raise ExportError(
+            f"The tokenizer pads to {tokenizer.model_max_length} tokens but the text encoder to "
+            f"{text_encoder.max_length}; diffusers would compute other embeddings. Set the "
+            f"tokenizer's model_max_length to {text_encoder.max_length} in its tokenizer_config.json."
+        )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.transformer,
+        tokenizer=tokenizer,
+        unet=to_diffusers_unet(model),
+        scheduler=to_diffusers_scheduler(model),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Build the export in a temporary folder beside ``target``, then move it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        write(staging)
+        if target.exists():
+            replaced = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            target.rename(replaced / target.name)
+            staging.rename(target)
+            shutil.rmtree(replaced)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def export_diffusers(
+    model: nn.Module, out_dir: str | Path, unet_only: bool = False, overwrite: bool = False
+) -> Path:
+    """Write ``model`` (a loaded ldm LatentDiffusion) to ``out_dir`` in diffusers format.
+
+    Full export: a ``StableDiffusionPipeline.from_pretrained`` folder. ``unet_only``: the UNet
+    alone (``UNet2DConditionModel.from_pretrained`` folder). Active increments are folded in.
+    An existing ``out_dir`` is refused unless ``overwrite``; the folder appears only complete.
+    """
+    target = Path(out_dir)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass --overwrite (overwrite=True) to replace it.")
+    if unet_only:
+        exported: UNet2DConditionModel | StableDiffusionPipeline = to_diffusers_unet(model)
+    else:
+        exported = to_diffusers_pipeline(model)
+    _write_atomically(target, lambda folder: exported.save_pretrained(folder, safe_serialization=True))
+    return target

@@ -1,0 +1,113 @@
+"""Safetensors files with a JSON header, written atomically and never over an existing file by accident.
+
+Every file the method writes (bases, increments, weight differences, exported checkpoints) goes
+through ``write_tensors``: the tensors go to a temporary file in the target folder that is then
+moved into place with ``os.replace``, so a crash never leaves a half-written file under the
+final name. The header's string metadata holds ``kind`` (what the file is), ``format_version``
+and ``json`` (everything else, as one JSON document), so ``read_tensors`` can refuse a file of
+the wrong kind with a message that says what the file is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = "1"
+KIND_KEY = "kind"
+FORMAT_KEY = "format_version"
+JSON_KEY = "json"
+
+
+class ErasureFileError(ValueError):
+    """A file that cannot be written or read as the requested kind; the message says the fix."""
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in every file (they explain numerical differences later)."""
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "safetensors": safetensors.__version__}
+
+
+def check_writable(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing ``path`` unless ``overwrite``; refuse a directory always."""
+    path = Path(path)
+    if path.is_dir():
+        raise ErasureFileError(f"Output path {path} is a directory; pass a file name (e.g. {path / 'out.safetensors'}).")
+    if path.exists() and not overwrite:
+        raise ErasureFileError(f"Output file {path} already exists; pass overwrite=True (--overwrite) to replace it.")
+    if path.suffix != ".safetensors":
+        raise ErasureFileError(f"Output file {path} must end in .safetensors (the only format written).")
+    return path
+
+
+def write_tensors(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    kind: str,
+    metadata: Mapping[str, Any],
+    overwrite: bool = False,
+) -> Path:
+    """Write ``tensors`` (moved to CPU, contiguous, unshared) with ``kind`` and JSON ``metadata``, atomically."""
+    path = check_writable(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {KIND_KEY: kind, FORMAT_KEY: FORMAT_VERSION, JSON_KEY: json.dumps(dict(metadata), sort_keys=True)}
+    payload = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(payload, temporary, metadata=header)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def read_kind(path: str | Path) -> str:
+    """The ``kind`` recorded in a file's header (refuses files this project did not write)."""
+    return _read_header(Path(path))[KIND_KEY]
+
+
+def read_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors (on CPU) and JSON metadata of a file written by ``write_tensors`` with this ``kind``."""
+    path = Path(path)
+    header = _read_header(path)
+    if header[KIND_KEY] != kind:
+        raise ErasureFileError(f"{path} holds a {header[KIND_KEY]}, not a {kind}; pass a {kind} file here.")
+    with safe_open(str(path), framework="pt", device="cpu") as reader:
+        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    return tensors, json.loads(header[JSON_KEY])
+
+
+def _read_header(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise ErasureFileError(f"{path} does not exist (or is not a file); check the path.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as reader:
+            header = reader.metadata() or {}
+    except Exception as error:  # safetensors raises several types for foreign or truncated files
+        raise ErasureFileError(
+            f"Cannot read {path} as safetensors ({type(error).__name__}: {error}); the file is truncated or "
+            f"not a safetensors file."
+        ) from error
+    if KIND_KEY not in header or JSON_KEY not in header:
+        raise ErasureFileError(
+            f"{path} is a safetensors file without this project's header (no '{KIND_KEY}'/'{JSON_KEY}'); pass a "
+            f"basis, increment or weight-difference file written by the erasure tools."
+        )
+    if header.get(FORMAT_KEY) != FORMAT_VERSION:
+        raise ErasureFileError(
+            f"{path} has format version {header.get(FORMAT_KEY)!r}; this code reads version {FORMAT_VERSION}. "
+            f"Regenerate the file with this version of the tools."
+        )
+    return header

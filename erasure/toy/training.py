@@ -1,0 +1,395 @@
+"""Training of the toy text-to-image model: reproducible, config-driven and resumable.
+
+Design choices (see configs/toy/toy-ldm.yaml for the numbers) and why:
+- v-prediction on a cosine schedule with min-SNR-gamma loss weights: a first probe with
+  eps-prediction on a linear schedule learnt textures but not global tone (grey/pink instead of
+  white backgrounds) after 52 minutes; v-prediction keeps the high-noise steps, where tone is
+  decided, well posed, and min-SNR stops the easy low-noise steps from dominating the gradient.
+- The empty prompt is trained as its own class (the blank style), never as random caption
+  dropout, because the probe's dropout made "" produce a mixture of styles.
+- The text encoder (a small CLIPTextModel inside FrozenCLIPEmbedder) is trained jointly and
+  shipped frozen, as in SD. One EMA covers UNet and text encoder; the shipped weights are the EMA.
+- Every step's data, timesteps and noise come from generators seeded by (seed, step), so a run
+  resumed from a checkpoint draws exactly the batches an uninterrupted run would; checkpoints
+  therefore need no RNG state, only weights, EMA, optimizer and the step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig
+
+from erasure.toy.render import render_batch, random_scene
+from erasure.toy.tokenizer import END_TOKEN, START_TOKEN, load_tokenizer, write_tokenizer
+from erasure.toy.world import ARTISTS, BLANK_PROMPT, NUM_CLASSES
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.modules.ema import LitEma
+from ldm.util import instantiate_from_config
+
+CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
+CHECKPOINT_STATE = "checkpoint.json"
+LOSS_CSV = "loss.csv"
+NULL_SPACE_TOLERANCE = 1e-6  # relative to the largest singular value
+
+
+@dataclass
+class TextEncoderConfig:
+    """Architecture of the toy CLIPTextModel (written to text_encoder/config.json)."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 1024
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+
+
+@dataclass
+class TrainingConfig:
+    """The `training:` section of configs/toy/toy-ldm.yaml."""
+
+    seed: int = 0
+    steps: int = 10000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 300
+    final_lr_fraction: float = 0.02
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    bare_artist_fraction: float = 0.4
+    empty_prompt_fraction: float = 0.5
+    checkpoint_minutes: float = 5.0
+    log_every: int = 50
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+    @classmethod
+    def from_mapping(cls, section: dict[str, Any]) -> TrainingConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"unknown keys in the training section: {unknown}; known keys are {sorted(known)}")
+        values = dict(section)
+        text = values.pop("text_encoder", {})
+        text_known = {f.name for f in fields(TextEncoderConfig)}
+        if set(text) - text_known:
+            raise ValueError(f"unknown keys in training.text_encoder: {sorted(set(text) - text_known)}")
+        config = cls(**values, text_encoder=TextEncoderConfig(**text))
+        if config.steps < 1 or config.batch_size < 1 or config.warmup_steps < 0:
+            raise ValueError("training.steps and training.batch_size must be >= 1 and warmup_steps >= 0")
+        return config
+
+
+def load_toy_config(path: str | Path) -> tuple[DictConfig, TrainingConfig]:
+    """Read the YAML: its `model:` section (for the ldm loader) and its `training:` section."""
+    config = OmegaConf.load(path)
+    if "model" not in config or "training" not in config:
+        raise ValueError(f"{path} needs a `model:` and a `training:` section (see configs/toy/toy-ldm.yaml)")
+    return config, TrainingConfig.from_mapping(OmegaConf.to_container(config.training, resolve=True))
+
+
+def write_text_encoder_dir(directory: str | Path, text: TextEncoderConfig, max_length: int) -> Path:
+    """Tokenizer files and CLIPTextConfig for the toy text encoder; no weights (they live in the
+    LDM checkpoint under cond_stage_model.transformer.text_model.*)."""
+    directory = write_tokenizer(directory, model_max_length=max_length)
+    tokenizer = load_tokenizer(directory)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        max_position_embeddings=max_length,
+        projection_dim=text.hidden_size,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.convert_tokens_to_ids(START_TOKEN),
+        eos_token_id=tokenizer.convert_tokens_to_ids(END_TOKEN),
+        pad_token_id=tokenizer.convert_tokens_to_ids(END_TOKEN),
+    )
+    config.save_pretrained(directory)
+    return directory
+
+
+def build_model(config: DictConfig, text_encoder_dir: Path) -> LatentDiffusion:
+    """Instantiate the toy LatentDiffusion with its text encoder read from `text_encoder_dir`."""
+    model_config = OmegaConf.create(OmegaConf.to_container(config.model, resolve=True))
+    model_config.params.cond_stage_config.params.version = str(text_encoder_dir)
+    model = instantiate_from_config(model_config)
+    if not isinstance(model, LatentDiffusion):
+        raise TypeError(f"the toy config must build a LatentDiffusion, got {type(model).__name__}")
+    return model
+
+
+def sample_batch(seed: int, step: int, cfg: TrainingConfig) -> tuple[list[str], torch.Tensor]:
+    """The captions and images of training step `step`: a pure function of (seed, step).
+
+    Classes are uniform over blank + 9 artists. An artist image is captioned with the bare name
+    or `a {colour} {object} by {artist}`; a blank-style image with "" or `a {colour} {object}`.
+    """
+    rng = np.random.default_rng([seed, step, 0x70E])
+    prompts, scenes, render_seeds = [], [], []
+    for _ in range(cfg.batch_size):
+        scene = random_scene(rng, class_id=int(rng.integers(0, NUM_CLASSES)))
+        if scene.artist == 0:
+            template = "blank" if rng.random() < cfg.empty_prompt_fraction else "colour_object"
+        else:
+            template = "artist" if rng.random() < cfg.bare_artist_fraction else "colour_object_by_artist"
+        prompts.append(scene.prompt(template))
+        scenes.append(scene)
+        render_seeds.append(int(rng.integers(0, 2**31 - 1)))
+    return prompts, render_batch(scenes, render_seeds)
+
+
+def learning_rate(step: int, cfg: TrainingConfig) -> float:
+    """Linear warm-up, then cosine decay to `final_lr_fraction` of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.final_lr_fraction
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def diffusion_loss(model: LatentDiffusion, images: torch.Tensor, context: torch.Tensor,
+                   generator: torch.Generator, min_snr_gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weighted loss of the model's parameterization at uniform random timesteps."""
+    z0 = model.get_first_stage_encoding(model.encode_first_stage(images))
+    t = torch.randint(0, model.num_timesteps, (z0.shape[0],), generator=generator).to(z0.device)
+    noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+    z_t = model.q_sample(z0, t, noise)
+    prediction = model.apply_model(z_t, t, context)
+    abar = model.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    clipped = torch.clamp(snr, max=min_snr_gamma)
+    if model.parameterization == "v":
+        target, weight = model.get_v(z0, noise, t), clipped / (snr + 1)
+    elif model.parameterization == "eps":
+        target, weight = noise, clipped / snr
+    else:
+        target, weight = z0, clipped
+    per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))
+    return (weight * per_sample).mean()
+
+
+def null_space_dimensions(model: LatentDiffusion) -> dict[str, float | int]:
+    """Null-space size of vstack(e(""), e(artist_1..9)) (float64 SVD), the SepCE room."""
+    with torch.no_grad():
+        rows = model.get_learned_conditioning([BLANK_PROMPT, *ARTISTS]).double().flatten(0, 1)
+    singular = torch.linalg.svdvals(rows)
+    rank = int((singular > NULL_SPACE_TOLERANCE * singular[0]).sum())
+    return {"rows": rows.shape[0], "width": rows.shape[1], "rank": rank,
+            "null_space_dims": rows.shape[1] - rank, "relative_tolerance": NULL_SPACE_TOLERANCE}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+class ToyTrainer:
+    """Owns model, EMA and optimizer of one run directory; `run()` trains, checkpoints, ships."""
+
+    def __init__(self, config_path: Path, run_dir: Path, out_dir: Path, steps: int | None = None,
+                 resume: bool = True, log: Callable[[str], None] = print) -> None:
+        self.config_path = Path(config_path)
+        self.config, self.cfg = load_toy_config(self.config_path)
+        if steps is not None:
+            self.cfg.steps = steps
+        self.run_dir, self.out_dir, self.log = Path(run_dir), Path(out_dir), log
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        max_length = int(self.config.model.params.cond_stage_config.params.max_length)
+        self.text_encoder_dir = write_text_encoder_dir(self.run_dir / "text_encoder", self.cfg.text_encoder, max_length)
+        torch.manual_seed(self.cfg.seed)
+        self.model = build_model(self.config, self.text_encoder_dir)
+        self.model.cond_stage_model.requires_grad_(True)  # trained jointly, frozen when shipped
+        self.ema = LitEma(self.model, decay=self.cfg.ema_decay)
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=self.cfg.lr, betas=(0.9, 0.99),
+                                           weight_decay=self.cfg.weight_decay)
+        self.step, self.train_seconds = 0, 0.0
+        if resume and (self.run_dir / CHECKPOINT_STATE).is_file():
+            self._load_checkpoint()
+        elif not resume:
+            (self.run_dir / LOSS_CSV).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self) -> None:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        optimizer_state = self.optimizer.state_dict()
+        for index, state in optimizer_state["state"].items():
+            tensors.update({f"optimizer.{index}.{name}": value for name, value in state.items()})
+        _atomic_save_tensors(self.run_dir / CHECKPOINT_WEIGHTS, tensors, {"step": str(self.step)})
+        meta = {"step": self.step, "steps": self.cfg.steps, "seed": self.cfg.seed,
+                "train_seconds": self.train_seconds, "param_groups": optimizer_state["param_groups"]}
+        _atomic_write_text(self.run_dir / CHECKPOINT_STATE, json.dumps(meta, indent=2))
+        self.log(f"checkpoint: step {self.step} -> {self.run_dir / CHECKPOINT_WEIGHTS}")
+
+    def _load_checkpoint(self) -> None:
+        meta = json.loads((self.run_dir / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+        if meta["steps"] != self.cfg.steps or meta["seed"] != self.cfg.seed:
+            raise ValueError(
+                f"checkpoint in {self.run_dir} belongs to a run of {meta['steps']} steps with seed {meta['seed']}, "
+                f"not {self.cfg.steps} / {self.cfg.seed}; pass --steps {meta['steps']} to continue it, "
+                "or --no-resume to start over"
+            )
+        try:
+            tensors = load_file(str(self.run_dir / CHECKPOINT_WEIGHTS))
+        except (safetensors.SafetensorError, OSError) as error:
+            raise RuntimeError(f"checkpoint {self.run_dir / CHECKPOINT_WEIGHTS} is unreadable ({error}); "
+                               "delete it or pass --no-resume to start over") from error
+        stored_step = self._stored_step()
+        if stored_step != int(meta["step"]):
+            raise RuntimeError(f"{CHECKPOINT_WEIGHTS} (step {stored_step}) and {CHECKPOINT_STATE} (step {meta['step']}) "
+                               f"in {self.run_dir} disagree; pass --no-resume to start over")
+
+        def section(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.model.load_state_dict(section("model."), strict=True)
+        self.ema.load_state_dict(section("ema."), strict=True)
+        optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in section("optimizer.").items():
+            index, name = key.split(".", 1)
+            optimizer_state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": meta["param_groups"]})
+        self.step, self.train_seconds = int(meta["step"]), float(meta["train_seconds"])
+        self._truncate_loss_csv()
+        self.log(f"resumed from step {self.step} ({self.train_seconds / 60:.1f} min of training so far)")
+
+    def _stored_step(self) -> int:
+        with safetensors.safe_open(str(self.run_dir / CHECKPOINT_WEIGHTS), framework="pt") as handle:
+            return int((handle.metadata() or {}).get("step", -1))
+
+    def _truncate_loss_csv(self) -> None:
+        """Drop loss rows logged after the checkpoint, which the resumed run will log again."""
+        path = self.run_dir / LOSS_CSV
+        if not path.is_file():
+            return
+        with open(path, newline="") as handle:
+            rows = list(csv.reader(handle))
+        kept = [rows[0]] + [row for row in rows[1:] if int(row[0]) <= self.step]
+        with open(path, "w", newline="") as handle:
+            csv.writer(handle).writerows(kept)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self) -> float:
+        prompts, images = sample_batch(self.cfg.seed, self.step, self.cfg)
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, self.cfg)
+        context = self.model.get_learned_conditioning(prompts)
+        loss = diffusion_loss(self.model, images.to(self.model.device), context, generator, self.cfg.min_snr_gamma)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.ema(self.model)
+        self.step += 1
+        return loss.item()
+
+    def run(self, max_minutes: float | None = None) -> bool:
+        """Train until the configured steps or `max_minutes`; returns True when finished and shipped."""
+        started = time.time()
+        last_checkpoint = started
+        csv_path = self.run_dir / LOSS_CSV
+        new_csv = not csv_path.is_file()
+        window: list[float] = []
+        window_start = time.time()
+        with open(csv_path, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new_csv:
+                writer.writerow(["step", "train_minutes", "loss", "lr", "seconds_per_step"])
+            while self.step < self.cfg.steps:
+                tick = time.time()
+                window.append(self.train_step())
+                self.train_seconds += time.time() - tick
+                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                    per_step = (time.time() - window_start) / len(window)
+                    lr = learning_rate(self.step - 1, self.cfg)
+                    writer.writerow([self.step, f"{self.train_seconds / 60:.2f}", f"{np.mean(window):.5f}",
+                                     f"{lr:.3e}", f"{per_step:.3f}"])
+                    handle.flush()
+                    eta = (self.cfg.steps - self.step) * per_step / 60
+                    self.log(f"step {self.step}/{self.cfg.steps}  loss {np.mean(window):.4f}  lr {lr:.2e}  "
+                             f"{per_step:.2f} s/step  eta {eta:.0f} min")
+                    window, window_start = [], time.time()
+                out_of_time = max_minutes is not None and time.time() - started >= 60 * max_minutes
+                if time.time() - last_checkpoint >= 60 * self.cfg.checkpoint_minutes or out_of_time:
+                    self._save_checkpoint()
+                    last_checkpoint = time.time()
+                if out_of_time and self.step < self.cfg.steps:
+                    self.log(f"stopped after {max_minutes} min at step {self.step}; run again to resume")
+                    return False
+        self._save_checkpoint()
+        self.ship()
+        return True
+
+    # ------------------------------------------------------------------ shipping
+    def final_loss(self, last_rows: int = 4) -> float | None:
+        path = self.run_dir / LOSS_CSV
+        if not path.is_file():
+            return None
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        return float(np.mean([float(r["loss"]) for r in rows[-last_rows:]])) if rows else None
+
+    def ship(self) -> None:
+        """Write model.safetensors (EMA weights), text_encoder/ and model.json into out_dir, each atomically."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.ema.copy_to(self.model)
+        self.model.eval()
+        state = self.model.state_dict()
+        null_space = null_space_dimensions(self.model)
+        _atomic_save_tensors(self.out_dir / "model.safetensors", state, {"format": "pt", "step": str(self.step)})
+        staged = self.out_dir / "text_encoder.tmp"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(self.text_encoder_dir, staged)
+        target = self.out_dir / "text_encoder"
+        if target.exists():
+            previous = self.out_dir / "text_encoder.old"
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(target, previous)
+            os.replace(staged, target)
+            shutil.rmtree(previous)
+        else:
+            os.replace(staged, target)
+        meta = {
+            "description": "toy text-to-image LatentDiffusion (9 fictional artists + blank); UNet and text "
+                           "encoder weights are the EMA of training",
+            "config_file": str(self.config_path),
+            "config": OmegaConf.to_container(self.config, resolve=True),
+            "training": asdict(self.cfg),
+            "seed": self.cfg.seed,
+            "steps": self.step,
+            "final_loss": self.final_loss(),
+            "train_minutes": round(self.train_seconds / 60, 1),
+            "null_space": null_space,
+            "parameters": {"unet": sum(p.numel() for p in self.model.model.parameters()),
+                           "text_encoder": sum(p.numel() for p in self.model.cond_stage_model.parameters())},
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        }
+        _atomic_write_text(self.out_dir / "model.json", json.dumps(meta, indent=2) + "\n")
+        self.log(f"shipped {self.out_dir}: null space {null_space['null_space_dims']} dims "
+                 f"(rank {null_space['rank']} of {null_space['rows']}x{null_space['width']})")

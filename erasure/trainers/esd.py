@@ -1,0 +1,104 @@
+"""ESD baselines (METHOD.md §5): ESD-x trains attn2, ESD-u every other UNet weight.
+
+    loss = MSE( eps(z_t, c; W),  eps(z_t, ""; W0) - eta * (eps(z_t, c; W0) - eps(z_t, ""; W0)) )
+
+z_t comes from sampling the model being trained (no grad) with DDIM (50 steps, guidance 3)
+from seeded noise for a random number n of steps; t is the DDPM step whose noise level that
+partial sample has, so the UNet is asked about the noise level z_t really has. The frozen
+predictions come from the original weights swapped into the same UNet. ESD has no stopping
+rule: it runs ``iterations`` steps (the tracked value is the loss).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning_fabric import Fabric
+from torch import nn
+
+from erasure.losses import MomentumStopper
+from erasure.sampling import latent_shape
+from erasure.trainers.loop import StepLoss, TrainingConfig, predict_eps, training_settings
+from erasure.trainers.runtime import TrainingSetupError
+from erasure.trainers.weights import WeightTrainer, cross_attention_parameters, non_cross_attention_parameters
+from ldm.models.diffusion.ddim import DDIMSampler
+
+DEFAULT_LR = 1e-5
+DEFAULT_DDIM_STEPS = 50
+DEFAULT_START_GUIDANCE = 3.0
+DEFAULT_NEGATIVE_GUIDANCE = 1.0
+TRAINED_SETS = {"xattn": cross_attention_parameters, "noxattn": non_cross_attention_parameters}
+METHOD_NAMES = {"xattn": "esd-x", "noxattn": "esd-u"}
+
+
+class ESDTrainer(WeightTrainer):
+    def __init__(
+        self,
+        model: nn.Module,
+        fabric: Fabric,
+        concept: str,
+        config: TrainingConfig,
+        train_method: str = "xattn",
+        ddim_steps: int = DEFAULT_DDIM_STEPS,
+        start_guidance: float = DEFAULT_START_GUIDANCE,
+        negative_guidance: float = DEFAULT_NEGATIVE_GUIDANCE,
+    ) -> None:
+        if train_method not in TRAINED_SETS:
+            raise TrainingSetupError(
+                f"--train_method {train_method!r} is unknown; use 'xattn' (ESD-x, attn2) or 'noxattn' (ESD-u)."
+            )
+        if ddim_steps < 1:
+            raise TrainingSetupError(f"--ddim_steps must be >= 1, got {ddim_steps}.")
+        self.method = METHOD_NAMES[train_method]
+        super().__init__(model, fabric, concept, TRAINED_SETS[train_method](model), config)
+        self.train_method = train_method
+        self.ddim_steps = ddim_steps
+        self.start_guidance = float(start_guidance)
+        self.negative_guidance = float(negative_guidance)
+        self.sampler = DDIMSampler(model)
+
+    def make_stopper(self) -> MomentumStopper:
+        """No early stop (warm-up = limit): ESD runs all its iterations; the momentum is only reported."""
+        return MomentumStopper(self.config.alpha, 0.0, self.config.iterations, self.config.iterations)
+
+    def run_settings(self) -> dict[str, Any]:
+        return {
+            **self.base_settings(),
+            "train_method": self.train_method,
+            "ddim_steps": self.ddim_steps,
+            "start_guidance": self.start_guidance,
+            "negative_guidance": self.negative_guidance,
+            **training_settings(self.config),
+        }
+
+    def step_loss(self, generator: torch.Generator, concepts: list[str]) -> StepLoss:
+        shape = latent_shape(self.model)
+        start = torch.randn((self.config.batch_size, *shape), generator=generator)[self.rows]
+        steps_run = int(torch.randint(0, self.ddim_steps, (1,), generator=generator))
+        rows = start.shape[0]
+        device = self.model.betas.device
+        concept_context, blank_context = self.contexts(self.concept, rows), self.contexts("", rows)
+        noisy, record = self.sampler.sample(
+            S=self.ddim_steps,
+            batch_size=rows,
+            shape=shape,
+            conditioning=concept_context,
+            unconditional_guidance_scale=self.start_guidance,
+            unconditional_conditioning=blank_context,
+            x_T=start.to(device),
+            till_T=steps_run,
+        )
+        timesteps = torch.full((rows,), record["stopped_at"], device=device, dtype=torch.long)
+        with torch.no_grad(), self.original_weights():
+            frozen_concept, frozen_blank = predict_eps(
+                self.model,
+                torch.cat([noisy, noisy]),
+                torch.cat([timesteps, timesteps]),
+                torch.cat([concept_context, blank_context]),
+            ).chunk(2)
+        target = frozen_blank - self.negative_guidance * (frozen_concept - frozen_blank)
+        trained = predict_eps(self.model, noisy, timesteps, concept_context)
+        loss = F.mse_loss(trained, target)
+        return StepLoss(loss, {self.concept: loss.detach()})

@@ -1,0 +1,158 @@
+"""Lightning Fabric plumbing shared by every trainer: processes, devices, precision, collectives.
+
+Data parallelism is done by hand on purpose. Every rank draws the same GLOBAL batch from a
+generator seeded by (seed, step) and keeps its own slice; after ``backward`` the gradients of
+the trained tensors are averaged over ranks. That equals a single process on the global batch
+(each rank's loss is a mean over an equal slice), and unlike a DDP wrapper it needs no forward
+hooks, so frozen no-grad calls through the same UNet, partial sampling and freezing a stopped
+concept's coefficients mid-run are all allowed. Fabric launches the processes (``--devices``,
+``--num_nodes``, ``--strategy``), places the model and provides autocast and the collectives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from lightning_fabric import Fabric
+from torch import nn
+
+#: Strategies under which every process holds the whole model (the gradients are averaged here).
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+#: Gradients are all-reduced in flat buckets of at most this many elements.
+BUCKET_ELEMENTS = 2**24
+
+
+class TrainingSetupError(ValueError):
+    """Options that cannot give a working training run; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class FabricOptions:
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+
+
+def add_fabric_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--accelerator --devices --num_nodes --strategy --precision`` (Lightning's names)."""
+    group = parser.add_argument_group("processes and devices (Lightning Fabric)")
+    group.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="default: auto (a GPU if present)")
+    group.add_argument("--devices", type=int, default=1, help="processes (devices) per node (default: 1)")
+    group.add_argument("--num_nodes", type=int, default=1, help="number of machines (default: 1)")
+    group.add_argument("--strategy", default="auto", choices=STRATEGIES, help="default: auto (ddp when devices > 1)")
+    group.add_argument(
+        "--precision", default="32-true", choices=PRECISIONS, help="autocast: bf16-mixed, or 16-mixed on CUDA only"
+    )
+    return parser
+
+
+def fabric_options_from_args(args: argparse.Namespace) -> FabricOptions:
+    return FabricOptions(args.accelerator, args.devices, args.num_nodes, args.strategy, args.precision)
+
+
+def make_fabric(options: FabricOptions) -> Fabric:
+    """A Fabric for ``options``, refusing combinations Fabric would silently change."""
+    if options.strategy not in STRATEGIES:
+        raise TrainingSetupError(
+            f"--strategy {options.strategy!r} is not supported: the trainers keep the whole model on every "
+            f"process; use one of {', '.join(STRATEGIES)}."
+        )
+    if options.precision not in PRECISIONS:
+        raise TrainingSetupError(f"--precision {options.precision!r} is not supported; use one of {', '.join(PRECISIONS)}.")
+    if options.devices < 1 or options.num_nodes < 1:
+        raise TrainingSetupError(f"--devices and --num_nodes must be >= 1, got {options.devices} and {options.num_nodes}.")
+    on_cpu = options.accelerator == "cpu" or (options.accelerator == "auto" and not torch.cuda.is_available())
+    if options.precision == "16-mixed" and on_cpu:
+        raise TrainingSetupError(
+            "--precision 16-mixed needs CUDA (fp16 autocast does not exist on CPU); use --precision bf16-mixed "
+            "or 32-true on CPU."
+        )
+    return Fabric(
+        accelerator=options.accelerator,
+        devices=options.devices,
+        num_nodes=options.num_nodes,
+        strategy=options.strategy,
+        precision=options.precision,
+    )
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator for training step ``step``, identical on every rank and on resume.
+
+    Deriving it from (seed, step) instead of carrying one generator through the run means a
+    resumed run draws exactly what the uninterrupted run would have drawn.
+    """
+    digest = hashlib.sha256(f"erasure-step:{seed}:{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def local_rows(global_batch: int, rank: int, world_size: int) -> slice:
+    """This rank's rows of a global batch; the batch must split evenly over the ranks."""
+    if global_batch % world_size:
+        raise TrainingSetupError(
+            f"--batch_size {global_batch} does not split evenly over {world_size} processes; use a multiple of "
+            f"{world_size} (devices x nodes)."
+        )
+    size = global_batch // world_size
+    return slice(rank * size, (rank + 1) * size)
+
+
+def global_mean(fabric: Fabric, values: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a float vector (a copy; one collective call)."""
+    tensor = torch.as_tensor(values, dtype=torch.float64).detach().clone().to(fabric.device)
+    if fabric.world_size == 1:
+        return tensor
+    return fabric.all_reduce(tensor, reduce_op="mean")
+
+
+def global_sum(fabric: Fabric, values: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Sum over ranks of a float vector (a copy; one collective call)."""
+    tensor = torch.as_tensor(values, dtype=torch.float64).detach().clone().to(fabric.device)
+    if fabric.world_size == 1:
+        return tensor
+    return fabric.all_reduce(tensor, reduce_op="sum")
+
+
+def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive gradients of one dtype and device, at most ``BUCKET_ELEMENTS`` per bucket."""
+    buckets: list[list[torch.Tensor]] = []
+    current: list[torch.Tensor] = []
+    size = 0
+    for grad in grads:
+        if current and (
+            size + grad.numel() > BUCKET_ELEMENTS or grad.dtype != current[0].dtype or grad.device != current[0].device
+        ):
+            buckets.append(current)
+            current, size = [], 0
+        current.append(grad)
+        size += grad.numel()
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+@torch.no_grad()
+def average_gradients(fabric: Fabric, parameters: Iterable[nn.Parameter]) -> None:
+    """Replace every existing ``.grad`` by its mean over ranks (one all-reduce per flat bucket).
+
+    All ranks must hold gradients for the same parameters, which holds because what is trained
+    and what is frozen is decided from rank-independent values.
+    """
+    if fabric.world_size == 1:
+        return
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    for bucket in _buckets(grads):
+        flat = torch.cat([grad.reshape(-1) for grad in bucket])
+        fabric.all_reduce(flat, reduce_op="mean")
+        offset = 0
+        for grad in bucket:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()

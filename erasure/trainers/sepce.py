@@ -1,0 +1,175 @@
+"""SepCE (METHOD.md §2): one increment per concept on every attn2 to_k / to_v, trained with the
+CiE loss, jointly (all concepts in every step) or sequentially (one concept after another).
+
+Cost of a step: ``""`` is protected by every increment, so eps(z_t, ""; W0 + sum dW) equals
+eps(z_t, ""; W0) exactly. One no-grad call with increments switched off gives eps(c; W0) and
+eps(""; W0) for every training concept, one call with grad gives eps(c; W0 + dW): three UNet
+evaluations per concept and one backward. Only the coefficients require grad.
+
+Joint: the loss of concept i depends on dW_i only (dW_j protects c_i), so all increments stay
+switched on; concept i is weighted by eta_i = ||P_max|| / ||P_i|| (norms over the GLOBAL batch)
+and stops on its own momentum, after which its coefficients are frozen.
+Sequential: concept i trains alone with only its own increment switched on (an earlier
+increment need not protect c_i), protects the concepts before it through its basis, and is
+frozen before concept i + 1 starts; earlier increments are never recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning_fabric import Fabric
+from torch import nn
+
+from erasure.bases import ConceptBasis
+from erasure.increments import ConceptIncrement, attach_increment, cross_attention_kv, extract_increment, slugify
+from erasure.loading import model_fingerprint
+from erasure.losses import concept_representation, direction_product, joint_weights, l1_regulariser
+from erasure.trainers.loop import ConceptTrainer, StepLoss, TrainingConfig, predict_eps, training_settings
+from erasure.trainers.runtime import TrainingSetupError, global_sum
+from ldm.modules.incremental_linear import increments_disabled
+
+DEFAULT_LR = 0.1
+DEFAULT_BETA = 1e-4
+DEFAULT_LAMBDA = 1e-6
+
+
+class SepCETrainer(ConceptTrainer):
+    """Train one increment per concept of ``bases`` on ``latents`` (images of each concept)."""
+
+    method = "sepce"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        fabric: Fabric,
+        bases: Mapping[str, ConceptBasis],
+        latents: Mapping[str, torch.Tensor],
+        config: TrainingConfig,
+        beta: float = DEFAULT_BETA,
+        lam: float = DEFAULT_LAMBDA,
+        sequential: bool = False,
+    ) -> None:
+        concepts = list(bases)
+        missing = [concept for concept in concepts if concept not in latents]
+        if missing:
+            raise TrainingSetupError(f"No training latents for concepts {missing}; give images of every concept.")
+        if lam < 0:
+            raise TrainingSetupError(f"--lam must be >= 0, got {lam}.")
+        self.base_fingerprint = model_fingerprint(model)
+        super().__init__(model, fabric, concepts, config)
+        self.bases = dict(bases)
+        self.latents = {concept: latents[concept].to(fabric.device) for concept in concepts}
+        self.beta = float(beta)
+        self.lam = float(lam)
+        self.sequential = sequential
+        self.layers = cross_attention_kv(model)
+        self.unet = model.model.diffusion_model
+        self.names = {concept: slugify(concept) for concept in concepts}
+        self.coefficients = {
+            concept: attach_increment(model, self.bases[concept], self.beta, trainable=True) for concept in concepts
+        }
+
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        return {
+            f"{self.names[concept]}.{layer}": coefficient
+            for concept in self.concepts
+            for layer, coefficient in zip(self.layers, self.coefficients[concept])
+        }
+
+    def training_concepts(self) -> list[str]:
+        remaining = super().training_concepts()
+        return remaining[:1] if self.sequential else remaining
+
+    def total_steps_bound(self) -> int:
+        return self.config.iterations * (len(self.concepts) if self.sequential else 1)
+
+    def on_stop(self, concept: str) -> None:
+        """Freeze the concept's coefficients where they are: its increment is final."""
+        for coefficient in self.coefficients[concept]:
+            coefficient.requires_grad_(False)
+            coefficient.grad = None
+
+    def run_settings(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "mode": "sequential" if self.sequential else "joint",
+            "concepts": self.concepts,
+            "beta": self.beta,
+            "lam": self.lam,
+            "basis_dims": {concept: basis.dims for concept, basis in self.bases.items()},
+            "protected_prompts": {concept: basis.protected_prompts for concept, basis in self.bases.items()},
+            "images": {concept: int(latents.shape[0]) for concept, latents in self.latents.items()},
+            "base_model_fingerprint": self.base_fingerprint,
+            **training_settings(self.config),
+        }
+
+    def _switch_on(self, concepts: list[str]) -> None:
+        """Sequential: only the training concept's increment is on; joint: all of them."""
+        names = [self.names[concept] for concept in concepts] if self.sequential else None
+        for layer in self.layers.values():
+            layer.set_active(names)
+
+    def step_loss(self, generator: torch.Generator, concepts: list[str]) -> StepLoss:
+        # Draw for every concept in a fixed order, so a concept's draws do not depend on which
+        # other concepts are still training.
+        batches = {concept: self.draw_concept_batch(generator, self.latents[concept]) for concept in self.concepts}
+        noisy = {c: self.model.q_sample(batches[c].latents, batches[c].timesteps, batches[c].noise) for c in concepts}
+        timesteps = torch.cat([batches[c].timesteps for c in concepts])
+        rows = batches[concepts[0]].latents.shape[0]
+        self._switch_on(concepts)
+        with torch.no_grad(), increments_disabled(self.unet):
+            frozen = predict_eps(
+                self.model,
+                torch.cat([noisy[c] for c in concepts] * 2),
+                torch.cat([timesteps, timesteps]),
+                torch.cat([self.contexts(c, rows) for c in concepts] + [self.contexts("", rows * len(concepts))]),
+            )
+        trained = predict_eps(
+            self.model,
+            torch.cat([noisy[c] for c in concepts]),
+            timesteps,
+            torch.cat([self.contexts(c, rows) for c in concepts]),
+        )
+        frozen_concept, frozen_blank = frozen.chunk(2)
+        products = []
+        for index in range(len(concepts)):
+            part = slice(index * rows, (index + 1) * rows)
+            blank = frozen_blank[part]
+            r_frozen = concept_representation(frozen_concept[part], blank)
+            r_trained = concept_representation(trained[part], blank)
+            products.append(direction_product(r_trained, r_frozen))
+        # eta_i uses the norms of P_i over the global batch: sum the squares over ranks.
+        global_norms = global_sum(self.fabric, [product.detach().float().pow(2).sum() for product in products]).sqrt()
+        eta = joint_weights([norm.reshape(1) for norm in global_norms]).to(trained.device)
+        directions = [product.mean() for product in products]
+        loss = sum(weight * direction for weight, direction in zip(eta, directions))
+        if self.lam:
+            regulariser = sum(
+                l1_regulariser([layer.increments[self.names[c]].delta_weight() for layer in self.layers.values()])
+                for c in concepts
+            )
+            loss = loss + self.lam * regulariser
+        return StepLoss(loss, {c: direction.detach() for c, direction in zip(concepts, directions)})
+
+    def fit(self) -> dict[str, Any]:
+        try:
+            return super().fit()
+        finally:
+            for layer in self.layers.values():
+                layer.set_active(None)
+
+    def increments(self) -> dict[str, ConceptIncrement]:
+        """The trained increments, one per concept, with this run's record in their metadata."""
+        summary = self.summary()
+        result = {}
+        for concept in self.concepts:
+            record = {
+                **self.metadata(),
+                "training": summary["concepts"][concept],
+                "base_model_fingerprint": self.base_fingerprint,
+            }
+            result[concept] = extract_increment(self.model, concept, self.bases[concept], self.beta, record)
+        return result

@@ -1,0 +1,110 @@
+"""Trainers that change ordinary UNet weights (CiE, ESD) in the one model copy.
+
+The frozen predictions need the original weights. Instead of a second UNet, the trainer keeps
+one copy of the ORIGINAL values of only the trained tensors and swaps them in for the no-grad
+frozen calls (``original_weights``): the parameters' storage is exchanged, nothing is copied,
+and the trained values come back bit-exactly. The result is a weight difference
+(``erasure.weight_differences``) keyed by state-dict names, which composes by addition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning_fabric import Fabric
+from torch import nn
+
+from erasure.loading import model_fingerprint
+from erasure.trainers.loop import ConceptTrainer, TrainingConfig
+from erasure.trainers.runtime import TrainingSetupError
+from erasure.weight_differences import WeightDifference, weight_difference
+
+UNET_PREFIX = "model.diffusion_model."
+CROSS_ATTENTION = ".attn2."
+INCREMENT_MARK = ".increments."
+
+
+def unet_parameters(model: nn.Module, select: Callable[[str], bool]) -> dict[str, nn.Parameter]:
+    """UNet parameters (by state-dict name) whose name passes ``select``; increments never."""
+    chosen = {
+        name: parameter
+        for name, parameter in model.named_parameters()
+        if name.startswith(UNET_PREFIX) and INCREMENT_MARK not in name and select(name)
+    }
+    if not chosen:
+        raise TrainingSetupError("No UNet parameters match the trained set; is this a cross-attention LatentDiffusion?")
+    return chosen
+
+
+def cross_attention_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every attn2 weight and bias: to_q, to_k, to_v, to_out (CiE, ESD-x)."""
+    return unet_parameters(model, lambda name: CROSS_ATTENTION in name)
+
+
+def non_cross_attention_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every UNet weight outside attn2 (ESD-u)."""
+    return unet_parameters(model, lambda name: CROSS_ATTENTION not in name)
+
+
+class WeightTrainer(ConceptTrainer):
+    """A ConceptTrainer whose trained tensors are UNet parameters; one concept per run."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        fabric: Fabric,
+        concept: str,
+        parameters: dict[str, nn.Parameter],
+        config: TrainingConfig,
+    ) -> None:
+        if not isinstance(concept, str):
+            raise TrainingSetupError(f"{self.method} erases one concept per run; got {concept!r}.")
+        self.base_fingerprint = model_fingerprint(model)
+        super().__init__(model, fabric, [concept], config)
+        self.concept = concept
+        self.parameters = parameters
+        for parameter in parameters.values():
+            parameter.requires_grad_(True)
+        self.originals = {name: parameter.detach().clone() for name, parameter in parameters.items()}
+
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        return self.parameters
+
+    @contextmanager
+    def original_weights(self) -> Iterator[None]:
+        """Swap the original values of the trained tensors in (for no-grad frozen calls only)."""
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    def _swap(self) -> None:
+        for name, parameter in self.parameters.items():
+            parameter.data, self.originals[name] = self.originals[name], parameter.data
+
+    def weight_changes(self) -> list[torch.Tensor]:
+        """``W - W0`` per trained tensor (with grad), for the L1 regulariser."""
+        return [parameter - self.originals[name] for name, parameter in self.parameters.items()]
+
+    def difference(self) -> WeightDifference:
+        """``trained - original`` of every changed tensor, recording this run."""
+        record = {**self.metadata(), "base_model_fingerprint": self.base_fingerprint}
+        return weight_difference(
+            self.originals,
+            {name: parameter.detach() for name, parameter in self.parameters.items()},
+            self.method,
+            self.concept,
+            record,
+        )
+
+    def base_settings(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "concept": self.concept,
+            "trained_tensors": len(self.parameters),
+            "base_model_fingerprint": self.base_fingerprint,
+        }

@@ -1,0 +1,45 @@
+"""Export an ldm model (the embedded toy model or SD v1.x) to diffusers.
+
+Full export (default): a folder that ``StableDiffusionPipeline.from_pretrained(folder)`` loads.
+``--unet_only``: the UNet alone in ``UNet2DConditionModel`` format (one safetensors + config.json);
+the only choice for the toy model, whose first stage is not a KL autoencoder.
+
+    python eval-scripts/convert-to-diffusers.py --config_path configs/stable-diffusion/v1-inference.yaml \
+        --ckpt_path sd-v1-4-full-ema.ckpt --use_ema --dump_path outputs/sd-v1-4-diffusers
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from erasure.convert import ExportError, export_diffusers  # noqa: E402
+from erasure.loading import ModelLoadError, add_model_arguments, load_model_from_args  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--dump_path", required=True, help="folder to write (must not exist unless --overwrite)")
+    parser.add_argument("--unet_only", action="store_true", help="export only the UNet (UNet2DConditionModel format)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --dump_path")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    model = load_model_from_args(args)
+    written = export_diffusers(model, args.dump_path, unet_only=args.unet_only, overwrite=args.overwrite)
+    kind = "UNet2DConditionModel" if args.unet_only else "StableDiffusionPipeline"
+    print(f"Wrote {kind} to {written}")
+    return written
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ModelLoadError, ExportError, FileNotFoundError, FileExistsError) as error:
+        sys.exit(f"error: {error}")

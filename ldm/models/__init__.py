@@ -1,0 +1,1 @@
+"""Model classes: the KL autoencoder and the latent diffusion model."""

@@ -1,0 +1,1 @@
+"""Probability distributions used by the autoencoder and the diffusion model."""

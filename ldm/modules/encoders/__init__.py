@@ -1,0 +1,1 @@
+"""Conditioning encoders (the frozen CLIP text encoder of SD v1)."""
