@@ -45,8 +45,6 @@ def check_writable(path: str | Path, overwrite: bool) -> Path:
         raise ErasureFileError(f"Output path {path} is a directory; pass a file name (e.g. {path / 'out.safetensors'}).")
     if path.exists() and not overwrite:
         raise ErasureFileError(f"Output file {path} already exists; pass overwrite=True (--overwrite) to replace it.")
-    if path.suffix != ".safetensors":
-        raise ErasureFileError(f"Output file {path} must end in .safetensors (the only format written).")
     return path
 
 
@@ -59,6 +57,8 @@ def write_tensors(
 ) -> Path:
     """Write ``tensors`` (moved to CPU, contiguous, unshared) with ``kind`` and JSON ``metadata``, atomically."""
     path = check_writable(path, overwrite)
+    if path.suffix != ".safetensors":
+        raise ErasureFileError(f"Output file {path} must end in .safetensors (the only format written).")
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {KIND_KEY: kind, FORMAT_KEY: FORMAT_VERSION, JSON_KEY: json.dumps(dict(metadata), sort_keys=True)}
     payload = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}

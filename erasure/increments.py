@@ -75,7 +75,7 @@ __all__ = [
 
 DEFAULT_BETA = 1e-4
 INCREMENT_KIND = "increment"
-CHECKPOINT_KIND = "checkpoint"
+CHECKPOINT_KIND = "ldm_checkpoint"
 KV_LAYER_SUFFIXES = (".attn2.to_k", ".attn2.to_v")
 COEFF_PREFIX = "coeff."
 

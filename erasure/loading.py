@@ -5,9 +5,10 @@ fingerprints that tie increment files to the base model they were trained on.
 
 Loading is strict about the parts that matter: a checkpoint that lacks (or mis-shapes) any
 UNet, VAE or text-encoder weight is refused with one error that names the file, the first
-few keys and the fix. Only keys that are known to be harmless are tolerated (EMA copies when
-EMA is not used, CLIP's ``position_ids`` buffer, the noise-schedule buffers that the config
-recomputes), and every tolerated or unknown key is reported, never dropped silently.
+few keys and the fix. Only keys known to be harmless are tolerated: EMA copies when EMA is
+not used (counted when verbose), CLIP's ``position_ids`` buffer, and noise-schedule buffers,
+which the config recomputes when a file lacks them. Any other key the model does not know is
+warned about; ``load_state_dict(strict=False)`` is never used without checking its result.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -24,6 +26,9 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from ldm.util import instantiate_from_config
+
+if TYPE_CHECKING:
+    from ldm.models.diffusion.ddpm import LatentDiffusion
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOY_CONFIG = REPO_ROOT / "configs" / "toy" / "toy-ldm.yaml"
@@ -335,16 +340,24 @@ def _load_weights(
         print(f"Checkpoint {ckpt_path}: no {recomputed}; kept the values computed from the config.")
 
 
-def _instantiate(config: DictConfig, config_path: Path) -> nn.Module:
+def _instantiate(config: DictConfig, config_path: Path) -> LatentDiffusion:
     """Build the model of ``config``; only targets that are built now must be importable
     (v1-inference.yaml names a training-only lr scheduler that inference never imports)."""
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+
     try:
-        return instantiate_from_config(config.model)
+        model = instantiate_from_config(config.model)
     except ImportError as error:
         raise ModelLoadError(
             f"Config {config_path} names an unknown target: {error} Use classes importable from "
             f"this project, e.g. ldm.models.diffusion.ddpm.LatentDiffusion."
         ) from error
+    if not isinstance(model, LatentDiffusion):
+        raise ModelLoadError(
+            f"Config {config_path} builds a {type(model).__name__}, not a LatentDiffusion; pass a "
+            f"latent text-to-image config such as configs/stable-diffusion/v1-inference.yaml."
+        )
+    return model
 
 
 def load_model(
@@ -353,7 +366,7 @@ def load_model(
     device: str = "cpu",
     use_ema: bool = False,
     verbose: bool = True,
-) -> nn.Module:
+) -> LatentDiffusion:
     """Build the LatentDiffusion of ``config_path`` and load ``ckpt_path`` into it, frozen, in eval mode.
 
     With neither path the embedded toy model is used (and announced as the first printed line).
@@ -401,23 +414,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def load_model_from_args(args: argparse.Namespace, verbose: bool = True) -> nn.Module:
+def load_model_from_args(args: argparse.Namespace, verbose: bool = True) -> LatentDiffusion:
     """``load_model`` driven by the flags of ``add_model_arguments``."""
     return load_model(args.config_path, args.ckpt_path, args.device, args.use_ema, verbose)
 
 
-def _hash_tensors(digest: "hashlib._Hash", tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+def _digest(tensors: Iterable[tuple[str, torch.Tensor]], suffix: str = "") -> str:
+    """First 16 hex digits of a sha256 over named tensors (name, dtype, shape and bytes)."""
+    digest = hashlib.sha256()
     for key, tensor in tensors:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{key}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
+    digest.update(suffix.encode())
+    return digest.hexdigest()[:16]
 
 
 def text_encoder_fingerprint(model: nn.Module) -> str:
     """First 16 hex digits of a sha256 over the text encoder's state-dict tensors, in key order."""
-    digest = hashlib.sha256()
-    _hash_tensors(digest, model.cond_stage_model.state_dict().items())
-    return digest.hexdigest()[:16]
+    return _digest(model.cond_stage_model.state_dict().items())
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -434,12 +449,9 @@ def model_fingerprint(model: nn.Module) -> str:
             f"Cannot fingerprint a model with merged increments ({merged[:KEYS_SHOWN]}); call "
             f"restore() on them first."
         )
-    digest = hashlib.sha256()
     attention_weights = (
         (key, value)
         for key, value in unet.state_dict().items()
         if key.endswith((".attn2.to_k.weight", ".attn2.to_v.weight"))
     )
-    _hash_tensors(digest, attention_weights)
-    digest.update(text_encoder_fingerprint(model).encode())
-    return digest.hexdigest()[:16]
+    return _digest(attention_weights, suffix=text_encoder_fingerprint(model))

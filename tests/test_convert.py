@@ -13,9 +13,12 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
+from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
 
+from erasure.bases import compute_basis
 from erasure.convert import ExportError, export_diffusers
-from erasure.loading import load_model
+from erasure.increments import ConceptIncrement, compose, cross_attention_kv, load_increment, save_increment, slugify
+from erasure.loading import load_model, model_fingerprint
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.util import instantiate_from_config
 
@@ -175,16 +178,48 @@ def test_first_stage_without_kl_autoencoder_needs_unet_only(tiny_clip_dir: Path,
     assert unet_from_folder(export_diffusers(model, tmp_path / "unet", unet_only=True)).config.in_channels == 12
 
 
-def test_script_exports_and_refuses_an_existing_target(
-    tiny_flags: list[str], tiny_ldm: nn.Module, tmp_path: Path
-) -> None:
+def load_script():
     spec = importlib.util.spec_from_file_location("convert_script", REPO_ROOT / "eval-scripts" / "convert-to-diffusers.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_script_exports_and_refuses_an_existing_target(
+    tiny_flags: list[str], tiny_ldm: nn.Module, tmp_path: Path
+) -> None:
+    script = load_script()
     argv = [*tiny_flags, "--dump_path", str(tmp_path / "out"), "--unet_only"]
     assert unet_gap(unet_from_folder(script.main(argv)), tiny_ldm) < TOLERANCE
     with pytest.raises(FileExistsError, match="--overwrite"):
         script.main(argv)
+
+
+def test_script_applies_increment_files(tmp_path: Path) -> None:
+    """``--apply``: a SepCE increment file is composed and folded into the exported UNet."""
+    config_path = write_wide_tiny_config(tmp_path)
+    model = build_wide_tiny_model(config_path)
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, tmp_path / "wide.safetensors")
+    flags = ["--config_path", str(config_path), "--ckpt_path", str(tmp_path / "wide.safetensors")]
+    basis = compute_basis(model, "van gogh")
+    generator = torch.Generator().manual_seed(3)
+    coeffs = {
+        name: 300.0 * torch.randn(layer.out_features, basis.dims, generator=generator)
+        for name, layer in cross_attention_kv(model).items()
+    }
+    metadata = {"method": "test", "base_model_fingerprint": model_fingerprint(model)}
+    increment = ConceptIncrement(basis.concept, slugify(basis.concept), basis, 1e-4, coeffs, metadata)
+    increment_file = save_increment(increment, tmp_path / "van-gogh.safetensors")
+    exported = load_script().main([*flags, "--dump_path", str(tmp_path / "out"), "--unet_only", "--apply", str(increment_file)])
+    unet = unet_from_folder(exported)
+    erased = load_model(config_path, tmp_path / "wide.safetensors", verbose=False)
+    compose(erased, [load_increment(increment_file)])
+    latents, timesteps = initial_latents(), torch.tensor([500])
+    with torch.no_grad():
+        context = erased.get_learned_conditioning(["van gogh"])
+        theirs = unet(latents, timesteps, encoder_hidden_states=context).sample
+        assert (theirs - erased.apply_model(latents, timesteps, context)).abs().max() < TOLERANCE
+        assert (theirs - model.apply_model(latents, timesteps, context)).abs().max() > 1e-3
 
 
 def narrow_v1_config(clip_dir: Path):

@@ -187,6 +187,8 @@ def test_configure_optimizers_uses_only_trainable_unet_parameters(tiny_model: La
     assert optimized == unet and id(frozen) not in optimized
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")
+@pytest.mark.filterwarnings("ignore:.*(no logger configured|eval mode|val_dataloader|LeafSpec).*")
 def test_lightning_trainer_runs_one_training_step(tiny_model: LatentDiffusion) -> None:
     tiny_model.learning_rate = 1e-3
     before = tiny_model.model.diffusion_model.out[2].weight.detach().clone()

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
+import json
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 from torch import nn
 
-from erasure.bases import ConceptBasis, compute_bases, encode_prompts
+from erasure.bases import ConceptBasis, compute_bases, encode_prompts, load_basis
 from erasure.files import ErasureFileError
 from erasure.increments import (
     ConceptIncrement,
@@ -42,6 +45,7 @@ from erasure.increments import (
 from erasure.loading import load_model, model_fingerprint
 from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CONCEPTS = ["van gogh", "picasso", "cezanne"]
 ATTN2_LAYERS = 14  # tiny UNet: 7 SpatialTransformers x (to_k, to_v)
 #: Coefficient scale that makes dW = coeff @ (1e-4 * S) change a concept's keys by a few percent.
@@ -241,7 +245,8 @@ def test_verify_reports_exactness(model: nn.Module, increments: list) -> None:
     assert report["max_relative_kv_change"] <= 1e-5
     assert min(report["concept_kv_change"].values()) > 1e-3
     assert report["max_restore_abs_diff"] == 0.0
-    assert active_concepts(model) == [] and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    after = model.state_dict()
+    assert active_concepts(model) == [] and all(torch.equal(after[key], value) for key, value in before.items())
 
 
 def test_weight_difference_apply_and_remove(model: nn.Module, base_model: nn.Module, tmp_path: Path) -> None:
@@ -265,12 +270,13 @@ def test_weight_difference_apply_and_remove(model: nn.Module, base_model: nn.Mod
     assert isinstance(loaded, WeightDifference) and loaded.method == "cie"
     fresh = copy.deepcopy(base_model)
     apply_weight_difference(fresh, loaded)
-    for key in attn2_keys:
-        assert torch.allclose(fresh.state_dict()[key], trained[key], atol=1e-7)
+    applied = fresh.state_dict()
+    assert all(torch.allclose(applied[key], trained[key], atol=1e-7) for key in attn2_keys)
     with pytest.raises(WeightDifferenceError, match="trained on base model"):
         apply_weight_difference(fresh, loaded)
     apply_weight_difference(fresh, loaded, sign=-1.0, check_fingerprint=False)
-    assert all(torch.allclose(fresh.state_dict()[key], original[key], atol=1e-7) for key in original)
+    removed = fresh.state_dict()
+    assert all(torch.allclose(removed[key], original[key], atol=1e-7) for key in original)
     with pytest.raises(ValueError, match="no weight changed"):
         weight_difference(original, original)
     foreign = load_weight_difference(path)
@@ -289,3 +295,41 @@ def test_apply_any_takes_both_kinds(model: nn.Module, increments: list) -> None:
     assert torch.allclose(model.state_dict()[key], before + delta)
     with pytest.raises(TypeError, match="increments and weight differences"):
         apply_any(model, [])
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), REPO_ROOT / "train-scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generate_bases_and_compose_scripts(
+    base_model: nn.Module, wide_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = export_checkpoint(base_model, tmp_path / "base.safetensors")
+    model_args = ["--config_path", str(wide_config), "--ckpt_path", str(ckpt)]
+    bases_dir = tmp_path / "bases"
+    generate = load_script("generate-bases")
+    generate.main([*model_args, "--concepts", *CONCEPTS[:2], "--protected", "red circle", "--output_dir", str(bases_dir)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [row["concept"] for row in summary["bases"]] == CONCEPTS[:2] and summary["mode"] == "joint"
+    basis = load_basis(bases_dir / "basis-van_gogh.safetensors")
+    assert basis.protected_prompts == ["", "picasso", "red circle"] and basis.dims == summary["bases"][0]["dims"]
+    with pytest.raises(ErasureFileError, match="already exists"):
+        generate.main([*model_args, "--concepts", "van gogh", "--output_dir", str(bases_dir)])
+
+    files = []
+    for seed, concept in enumerate(CONCEPTS[:2]):
+        increment = random_increment(base_model, load_basis(bases_dir / f"basis-{slugify(concept)}.safetensors"), seed)
+        files.append(str(save_increment(increment, tmp_path / f"{slugify(concept)}.safetensors")))
+    compose_script = load_script("compose")
+    output = tmp_path / "composed.safetensors"
+    compose_script.main([*model_args, "--increments", *files, "--verify", "--output", str(output)])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["max_relative_kv_change"] <= 1e-5 and report["max_restore_abs_diff"] == 0.0
+    assert report["applied"]["increments"] == ["van_gogh", "picasso"] and Path(report["output"]) == output
+    composed = load_model(wide_config, output, verbose=False)
+    reference = copy.deepcopy(base_model)
+    compose(reference, [load_increment(path) for path in files])
+    assert torch.allclose(unet_output(composed, "picasso"), unet_output(reference, "picasso"), atol=1e-6)

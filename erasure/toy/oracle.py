@@ -89,13 +89,18 @@ class ToyOracle(nn.Module):
 @dataclass
 class OracleTrainingConfig:
     seed: int = 0
-    steps: int = 1200
-    batch_size: int = 128
+    steps: int = 800
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
     pool_size: int = 12000
     eval_size: int = 2000
     width: int = 16
+
+    def __post_init__(self) -> None:
+        small = [name for name in ("steps", "batch_size", "pool_size", "eval_size", "width") if getattr(self, name) < 1]
+        if small:
+            raise ValueError(f"oracle training settings must be >= 1: {', '.join(small)}")
 
 
 def jitter(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -205,11 +210,12 @@ def save_oracle(oracle: ToyOracle, meta: dict[str, object], directory: str | Pat
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights, meta_path = directory / ORACLE_WEIGHTS, directory / ORACLE_META
+    weights_tmp, meta_tmp = weights.with_name(weights.name + ".tmp"), meta_path.with_name(meta_path.name + ".tmp")
     state = {k: v.detach().contiguous() for k, v in oracle.state_dict().items()}
-    save_file(state, str(weights.with_suffix(".tmp")), metadata={"width": str(oracle.width)})
-    meta_path.with_suffix(".tmp").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    weights.with_suffix(".tmp").replace(weights)
-    meta_path.with_suffix(".tmp").replace(meta_path)
+    save_file(state, str(weights_tmp), metadata={"width": str(oracle.width)})
+    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    weights_tmp.replace(weights)
+    meta_tmp.replace(meta_path)
     return weights
 
 

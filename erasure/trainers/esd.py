@@ -30,7 +30,7 @@ DEFAULT_DDIM_STEPS = 50
 DEFAULT_START_GUIDANCE = 3.0
 DEFAULT_NEGATIVE_GUIDANCE = 1.0
 TRAINED_SETS = {"xattn": cross_attention_parameters, "noxattn": non_cross_attention_parameters}
-METHOD_NAMES = {"xattn": "esd-x", "noxattn": "esd-u"}
+METHOD_NAMES = {"xattn": "esd_x", "noxattn": "esd_u"}
 
 
 class ESDTrainer(WeightTrainer):

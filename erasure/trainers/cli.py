@@ -1,0 +1,320 @@
+"""What the training scripts share: flags, output names, and one driver per method.
+
+``launch(run, args)`` starts the processes with Lightning Fabric and calls ``run(fabric, args)``
+in each; ``run_sepce`` / ``run_cie`` / ``run_esd`` load the model on every rank, prepare the
+training images (generated once by the original model when ``--data_dir`` is not given),
+train, and let rank 0 write the result and print ONE JSON line: per concept the steps run, why
+it stopped and the final momentum, the total seconds and the files written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_fabric import Fabric
+from erasure.bases import DEFAULT_MIN_DIMS, DEFAULT_RTOL, compute_bases
+from erasure.files import check_writable
+from erasure.increments import save_increment, slugify
+from erasure.loading import add_model_arguments, load_model
+from erasure.sampling import sampling_settings
+from erasure.trainers import cie, esd, sepce
+from erasure.trainers.data import concept_latents, default_data_dir, ensure_generated
+from erasure.trainers.loop import ConceptTrainer, TrainingConfig
+from erasure.trainers.report import before_after_report, markdown_table
+from erasure.trainers.runtime import TrainingSetupError, add_fabric_arguments, fabric_options_from_args, make_fabric
+from erasure.toy.oracle import load_oracle
+from erasure.toy.world import ARTISTS, CLASS_NAMES, NUM_CLASSES, class_prompt
+from erasure.weight_differences import save_weight_difference
+
+DEFAULT_NUM_IMAGES = 100
+DEFAULT_OUTPUT_DIR = "outputs"
+CHECKPOINT_SUFFIX = ".checkpoint.safetensors"
+
+
+def format_number(value: float) -> str:
+    """Short, file-name-safe numbers: 0.1 -> "0.1", 1e-4 -> "1e-4", 3 -> "3"."""
+    if value != 0 and not 1e-3 <= abs(value) < 1e4:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}"
+
+
+def output_name(method: str, concept_slug: str, hyperparameters: dict[str, float]) -> str:
+    """``{method}-{concept}-{key}_{value}-...`` (e.g. ``sepce-van_gogh-lr_0.1-beta_1e-4-lam_1e-6-tau_1e-4``)."""
+    parts = [method, concept_slug, *(f"{key}_{format_number(value)}" for key, value in hyperparameters.items())]
+    return "-".join(parts)
+
+
+def add_training_arguments(
+    parser: argparse.ArgumentParser, lr: float, iterations: int, needs_images: bool = True
+) -> argparse.ArgumentParser:
+    """Loader, Fabric and loop flags shared by every training script (defaults: METHOD.md's)."""
+    add_model_arguments(parser)
+    add_fabric_arguments(parser)
+    group = parser.add_argument_group("training")
+    group.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default: {lr:g})")
+    group.add_argument("--iterations", type=int, default=iterations, help=f"step limit per concept (default: {iterations})")
+    group.add_argument("--batch_size", type=int, default=1, help="GLOBAL batch per step, split over processes (default: 1)")
+    group.add_argument("--seed", type=int, default=0, help="seed of every step's draws (default: 0)")
+    group.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help=f"where results go (default: {DEFAULT_OUTPUT_DIR}/)")
+    group.add_argument("--overwrite", action="store_true", help="replace existing outputs and start a fresh checkpoint")
+    group.add_argument("--resume", action="store_true", help="continue from this run's checkpoint in --output_dir")
+    group.add_argument("--save_every", type=int, default=100, help="checkpoint every K steps; 0: never (default: 100)")
+    group.add_argument("--no_progress", action="store_true", help="no progress bar")
+    if needs_images:
+        data = parser.add_argument_group("training images (made by the original model)")
+        data.add_argument(
+            "--data_dir",
+            default=None,
+            help="folder with {data_dir}/{concept_slug}/*.png; default: generate --num_images per concept into "
+            "data/generated/<model fingerprint>/ once and reuse them",
+        )
+        data.add_argument(
+            "--num_images", type=int, default=DEFAULT_NUM_IMAGES,
+            help=f"images to generate per concept when --data_dir is not given (default: {DEFAULT_NUM_IMAGES})",
+        )
+    return parser
+
+
+def add_stopping_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("momentum stop (METHOD.md §1)")
+    group.add_argument("--alpha", type=float, default=0.9, help="momentum of L_dir (default: 0.9)")
+    group.add_argument("--tau", type=float, default=1e-4, help="stop when the momentum <= tau (default: 1e-4)")
+    group.add_argument("--warmup", type=int, default=10, help="steps before the stop rule applies (default: 10)")
+
+
+def training_config(args: argparse.Namespace, checkpoint_path: Path) -> TrainingConfig:
+    return TrainingConfig(
+        lr=args.lr,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        alpha=getattr(args, "alpha", 0.9),
+        tau=getattr(args, "tau", 1e-4),
+        warmup=getattr(args, "warmup", 10),
+        save_every=args.save_every,
+        checkpoint_path=checkpoint_path,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+
+
+def launch(run: Callable[[Fabric, argparse.Namespace], Any], args: argparse.Namespace) -> Any:
+    """Start the processes asked for by the Fabric flags and call ``run(fabric, args)`` in each."""
+    fabric = make_fabric(fabric_options_from_args(args))
+    return fabric.launch(run, args)
+
+
+def main(run: Callable[[Fabric, argparse.Namespace], Any], parser: argparse.ArgumentParser) -> None:
+    """Script entry point: parse, launch, and turn the project's input errors into one message."""
+    args = parser.parse_args()
+    try:
+        launch(run, args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:  # this project's input errors
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
+class RunContext:
+    """One rank's view of a training run: the model, where things go, how to talk."""
+
+    def __init__(self, fabric: Fabric, args: argparse.Namespace) -> None:
+        if args.device != "cpu":
+            raise TrainingSetupError(
+                f"--device {args.device} does not apply to training: processes and devices are chosen with "
+                f"--accelerator/--devices (e.g. --accelerator cuda --devices 1)."
+            )
+        self.fabric = fabric
+        self.args = args
+        self.rank = fabric.global_rank
+        self.output_dir = Path(args.output_dir)
+        self.model = load_model(args.config_path, args.ckpt_path, "cpu", args.use_ema, verbose=self.rank == 0)
+        self.model.to(fabric.device)
+
+    def say(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def prepare_outputs(self, outputs: Sequence[Path], checkpoint: Path) -> None:
+        """Refuse existing outputs (unless --overwrite) and a stale checkpoint (unless --resume/--overwrite)."""
+        for path in outputs:
+            check_writable(path, self.args.overwrite)
+        if self.args.resume and not checkpoint.is_file():
+            raise TrainingSetupError(f"--resume: there is no checkpoint {checkpoint}; run without --resume.")
+        stale = checkpoint.exists() and not self.args.resume
+        if stale and not self.args.overwrite:
+            raise TrainingSetupError(
+                f"A checkpoint of this run exists ({checkpoint}); pass --resume to continue it or --overwrite to "
+                f"start again."
+            )
+        self.fabric.barrier()  # every rank has looked before rank 0 removes the stale checkpoint
+        if stale and self.rank == 0:
+            checkpoint.unlink()
+        self.fabric.barrier()
+
+    def latents(self, concepts: Sequence[str]) -> dict:
+        """Training latents of ``concepts``: from --data_dir, or generated once and reused."""
+        if self.args.data_dir is not None:
+            return concept_latents(self.model, Path(self.args.data_dir), concepts)
+        data_dir = default_data_dir(self.model)
+        ensure_generated(
+            self.model, concepts, data_dir, self.args.num_images, sampling_settings(self.model), seed=0,
+            rank=self.rank, world_size=self.fabric.world_size, barrier=self.fabric.barrier, announce=self.say,
+        )
+        return concept_latents(self.model, data_dir, concepts, limit=self.args.num_images)
+
+    def finish(self, trainer: ConceptTrainer, written: Callable[[], list[Path]]) -> dict[str, Any]:
+        """Train, let rank 0 write the results, print the summary line; returns the summary."""
+        summary = trainer.fit()
+        if self.rank == 0:
+            summary["outputs"] = [str(path) for path in written()]
+            print(json.dumps(summary, default=_json_number), flush=True)
+        self.fabric.barrier()
+        return summary
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------- SepCE
+def sepce_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="SepCE: one separable increment per concept (METHOD.md §2).")
+    parser.add_argument(
+        "--concepts", nargs="+", default=[ARTISTS[0]], help=f"concepts to erase (default: the toy artist {ARTISTS[0]!r})"
+    )
+    parser.add_argument("--mode", choices=("joint", "sequential"), default="joint", help="train together or one by one")
+    parser.add_argument("--protect", nargs="*", default=[], help="extra prompts every increment must leave unchanged")
+    parser.add_argument("--beta", type=float, default=sepce.DEFAULT_BETA, help="increment scale (default: 1e-4)")
+    parser.add_argument("--lam", type=float, default=sepce.DEFAULT_LAMBDA, help="L1 weight lambda (default: 1e-6)")
+    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="null-space rank tolerance (default: 1e-6)")
+    parser.add_argument("--min_dims", type=int, default=DEFAULT_MIN_DIMS, help=f"smallest usable null space (default: {DEFAULT_MIN_DIMS})")
+    parser.add_argument(
+        "--no_report", action="store_true",
+        help="skip the before/after grid and oracle accuracy table written when the embedded toy model is used",
+    )
+    add_stopping_arguments(parser)
+    return add_training_arguments(parser, lr=sepce.DEFAULT_LR, iterations=1000)
+
+
+def sepce_names(args: argparse.Namespace) -> tuple[dict[str, Path], Path]:
+    """Increment file per concept and the run's checkpoint path."""
+    method = "sepce" if args.mode == "joint" else "sepce_seq"
+    hyper = {"lr": args.lr, "beta": args.beta, "lam": args.lam, "tau": args.tau}
+    output_dir = Path(args.output_dir)
+    files = {c: output_dir / f"{output_name(method, slugify(c), hyper)}.safetensors" for c in args.concepts}
+    joined = "+".join(slugify(c) for c in args.concepts)
+    return files, output_dir / f"{output_name(method, joined, hyper)}{CHECKPOINT_SUFFIX}"
+
+
+def run_sepce(fabric: Fabric, args: argparse.Namespace) -> dict[str, Any]:
+    context = RunContext(fabric, args)
+    files, checkpoint = sepce_names(args)
+    context.prepare_outputs(list(files.values()), checkpoint)
+    model = context.model
+    bases = compute_bases(
+        model, args.concepts, args.protect, rtol=args.rtol, min_dims=args.min_dims, sequential=args.mode == "sequential"
+    )
+    for concept, basis in bases.items():
+        context.say(f"Basis of {concept!r}: {basis.dims} dimensions, protects {len(basis.protected_prompts)} prompts.")
+    latents = context.latents(args.concepts)
+    trainer = sepce.SepCETrainer(
+        model, fabric, bases, latents, training_config(args, checkpoint), args.beta, args.lam,
+        sequential=args.mode == "sequential",
+    )
+
+    def write() -> list[Path]:
+        increments = trainer.increments()
+        written = [save_increment(increments[c], files[c], overwrite=args.overwrite) for c in args.concepts]
+        if uses_toy_model(args) and not args.no_report:
+            written += toy_report(context, files[args.concepts[0]].with_suffix(""))
+        return written
+
+    return context.finish(trainer, write)
+
+
+def uses_toy_model(args: argparse.Namespace) -> bool:
+    return args.config_path is None and args.ckpt_path is None
+
+
+def toy_report(context: RunContext, stem: Path) -> list[Path]:
+    """The quick start's evidence: before/after grid and the toy oracle's accuracy per class."""
+    oracle = load_oracle(device=context.fabric.device)
+    report = before_after_report(
+        context.model,
+        [class_prompt(label) for label in range(NUM_CLASSES)],
+        CLASS_NAMES,
+        context.args.concepts,
+        lambda images: oracle.predict(images * 2 - 1)["artist"],
+        stem,
+    )
+    context.say(markdown_table(report))
+    return [Path(report["grid"]), Path(report["table"])]
+
+
+# ---------------------------------------------------------------------------------- CiE and ESD
+def cie_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="CiE: train every attn2 weight to erase one concept (METHOD.md §1).")
+    parser.add_argument("--prompt", required=True, help="the concept to erase")
+    parser.add_argument("--lam", type=float, default=cie.DEFAULT_LAMBDA, help="L1 weight lambda (1e-6 .. 3e-5)")
+    add_stopping_arguments(parser)
+    return add_training_arguments(parser, lr=cie.DEFAULT_LR, iterations=1000)
+
+
+def _weight_difference_run(
+    context: RunContext, trainer_factory: Callable[[Path], ConceptTrainer], output: Path, checkpoint: Path
+) -> dict[str, Any]:
+    trainer = trainer_factory(checkpoint)
+    return context.finish(
+        trainer, lambda: [save_weight_difference(trainer.difference(), output, overwrite=context.args.overwrite)]
+    )
+
+
+def run_cie(fabric: Fabric, args: argparse.Namespace) -> dict[str, Any]:
+    context = RunContext(fabric, args)
+    stem = output_name("cie", slugify(args.prompt), {"lr": args.lr, "lam": args.lam, "tau": args.tau})
+    output, checkpoint = context.output_dir / f"{stem}.safetensors", context.output_dir / f"{stem}{CHECKPOINT_SUFFIX}"
+    context.prepare_outputs([output], checkpoint)
+    latents = context.latents([args.prompt])[args.prompt]
+    return _weight_difference_run(
+        context,
+        lambda path: cie.CiETrainer(context.model, fabric, args.prompt, latents, training_config(args, path), args.lam),
+        output,
+        checkpoint,
+    )
+
+
+def esd_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="ESD baseline: ESD-x (attn2) or ESD-u (non-attn2) (METHOD.md §5).")
+    parser.add_argument("--prompt", required=True, help="the concept to erase")
+    parser.add_argument("--train_method", choices=tuple(esd.TRAINED_SETS), default="xattn",
+                        help="xattn: ESD-x (attn2 weights); noxattn: ESD-u (every other UNet weight)")
+    parser.add_argument("--ddim_steps", type=int, default=esd.DEFAULT_DDIM_STEPS, help="DDIM steps of the partial sample")
+    parser.add_argument("--start_guidance", type=float, default=esd.DEFAULT_START_GUIDANCE, help="guidance of the partial sample")
+    parser.add_argument("--negative_guidance", type=float, default=esd.DEFAULT_NEGATIVE_GUIDANCE, help="eta of the ESD target")
+    return add_training_arguments(parser, lr=esd.DEFAULT_LR, iterations=1000, needs_images=False)
+
+
+def run_esd(fabric: Fabric, args: argparse.Namespace) -> dict[str, Any]:
+    context = RunContext(fabric, args)
+    hyper = {
+        "lr": args.lr, "iter": args.iterations, "sg": args.start_guidance, "ng": args.negative_guidance,
+    }
+    stem = output_name(esd.METHOD_NAMES[args.train_method], slugify(args.prompt), hyper)
+    output, checkpoint = context.output_dir / f"{stem}.safetensors", context.output_dir / f"{stem}{CHECKPOINT_SUFFIX}"
+    context.prepare_outputs([output], checkpoint)
+
+    def build(path: Path) -> esd.ESDTrainer:
+        return esd.ESDTrainer(
+            context.model, fabric, args.prompt, training_config(args, path), args.train_method, args.ddim_steps,
+            args.start_guidance, args.negative_guidance,
+        )
+
+    return _weight_difference_run(context, build, output, checkpoint)
+

@@ -1,0 +1,422 @@
+"""Trainers on a tiny model, a few steps each: what changes, what must not, zero_grad, resume, NaN,
+bad input, and the script driver."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning_fabric import Fabric
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+from erasure.bases import compute_bases
+from erasure.increments import cross_attention_kv, load_increment, slugify
+from erasure.trainers import cli
+from erasure.trainers.checkpoint import CheckpointError
+from erasure.trainers.cie import CiETrainer
+from erasure.trainers.data import TrainingDataError, concept_latents, image_files, read_images
+from erasure.trainers.esd import ESDTrainer
+from erasure.trainers.loop import NonFiniteLossError, TrainingConfig
+from erasure.trainers.runtime import (
+    FabricOptions,
+    TrainingSetupError,
+    _buckets,
+    local_rows,
+    make_fabric,
+    step_generator,
+)
+from erasure.trainers.sepce import SepCETrainer
+from erasure.weight_differences import load_weight_difference
+from ldm.modules.incremental_linear import increments_disabled
+from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
+
+CONCEPTS = ["a red", "b blue"]
+IMAGES_PER_CONCEPT = 3
+
+
+@pytest.fixture(scope="module")
+def wide_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_wide_tiny_config(tmp_path_factory.mktemp("wide"))
+
+
+@pytest.fixture
+def model(wide_config: Path) -> nn.Module:
+    return build_wide_tiny_model(wide_config)
+
+
+@pytest.fixture(scope="module")
+def fabric() -> Fabric:
+    fabric = Fabric(accelerator="cpu", devices=1)
+    fabric.launch()
+    return fabric
+
+
+def random_latents(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (IMAGES_PER_CONCEPT, model.channels, model.image_size, model.image_size)
+    return {concept: torch.randn(shape, generator=generator) for concept in CONCEPTS}
+
+
+def config(**overrides: object) -> TrainingConfig:
+    settings = {"lr": 1.0, "iterations": 3, "batch_size": 2, "tau": -1e9, "progress": False, "save_every": 0}
+    settings.update(overrides)
+    return TrainingConfig(**settings)
+
+
+def sepce(model: nn.Module, fabric: Fabric, sequential: bool = False, **overrides: object) -> SepCETrainer:
+    bases = compute_bases(model, CONCEPTS, min_dims=1, sequential=sequential)
+    return SepCETrainer(model, fabric, bases, random_latents(model), config(**overrides), sequential=sequential)
+
+
+def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in model.state_dict().items() if ".increments." not in key}
+
+
+def changed_keys(model: nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
+    after = model.state_dict()
+    return {key for key, value in before.items() if not torch.equal(after[key], value)}
+
+
+# ----------------------------------------------------------------------------- SepCE
+def test_sepce_joint_changes_only_coefficients(model: nn.Module, fabric: Fabric) -> None:
+    before = frozen_state(model)
+    trainer = sepce(model, fabric)
+    summary = trainer.fit()
+    assert changed_keys(model, before) == set()
+    trained = trainer.trained_parameters()
+    assert len(trained) == 2 * len(cross_attention_kv(model))
+    assert all(torch.count_nonzero(coefficient) > 0 for coefficient in trained.values())
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == set()  # all frozen after stopping
+    for concept in CONCEPTS:
+        assert summary["concepts"][concept]["steps"] == 3
+        assert summary["concepts"][concept]["stop_reason"] == "max_steps"
+
+
+def test_sepce_keeps_protected_keys_and_values(model: nn.Module, fabric: Fabric) -> None:
+    trainer = sepce(model, fabric)
+    trainer.fit()
+    unet = model.model.diffusion_model
+    for prompt, changes in (("", False), ("a red", True), ("b blue", True)):
+        context = model.get_learned_conditioning([prompt])
+        for name, layer in cross_attention_kv(model).items():
+            with torch.no_grad():
+                erased = layer(context)
+                with increments_disabled(unet):
+                    original = layer(context)
+            relative = float((erased - original).norm() / original.norm())
+            assert (relative > 1e-6) == changes, (prompt, name, relative)
+    # each concept is protected by the OTHER concept's increment: switch one on at a time
+    for own, other in (("a red", "b blue"), ("b blue", "a red")):
+        context = model.get_learned_conditioning([other])
+        for layer in cross_attention_kv(model).values():
+            layer.set_active([slugify(own)])
+            with torch.no_grad():
+                with_own = layer(context)
+            layer.set_active([])
+            with torch.no_grad():
+                without = layer(context)
+            assert float((with_own - without).norm() / without.norm()) < 1e-5
+
+
+def test_direction_loss_decreases(model: nn.Module, fabric: Fabric) -> None:
+    trainer = sepce(model, fabric, iterations=8, lr=20.0)
+    probe = step_generator(123, 0)
+
+    def direction() -> dict[str, float]:
+        with torch.no_grad():
+            state = probe.get_state()
+            result = trainer.step_loss(torch.Generator().set_state(state), CONCEPTS)
+        return {concept: float(value) for concept, value in result.tracked.items()}
+
+    start = direction()
+    trainer.fit()
+    end = direction()
+    for concept in CONCEPTS:
+        assert start[concept] > 0
+        assert end[concept] < start[concept] * 0.5, (start, end)
+
+
+def test_gradients_do_not_accumulate_across_steps(model: nn.Module, fabric: Fabric) -> None:
+    """The gradient used by each optimizer step equals that step's own loss gradient."""
+    trainer = sepce(model, fabric, iterations=3)
+    parameters = list(trainer.trained_parameters().values())
+    expected: list[list[torch.Tensor]] = []
+    compute = trainer.step_loss
+
+    def step_loss_with_reference(generator: torch.Generator, concepts: list[str]):
+        result = compute(generator, concepts)
+        live = [p for p in parameters if p.requires_grad]
+        expected.append([g.clone() for g in torch.autograd.grad(result.loss, live, retain_graph=True)])
+        return result
+
+    trainer.step_loss = step_loss_with_reference
+    optimizer = trainer._optimizer()
+    original_step = optimizer.step
+    compared = []
+
+    def checking_step(*args, **kwargs):
+        live = [p for p in parameters if p.requires_grad]
+        for parameter, reference in zip(live, expected[-1]):
+            torch.testing.assert_close(parameter.grad, reference, rtol=1e-5, atol=1e-12)
+        compared.append(len(live))
+        return original_step(*args, **kwargs)
+
+    optimizer.step = checking_step
+    trainer.fit()
+    assert len(compared) == 3 and all(count > 0 for count in compared)
+
+
+def test_sequential_trains_one_concept_at_a_time(model: nn.Module, fabric: Fabric) -> None:
+    trainer = sepce(model, fabric, sequential=True, iterations=2)
+    seen: list[list[str]] = []
+    compute = trainer.step_loss
+
+    def recording(generator: torch.Generator, concepts: list[str]):
+        seen.append(list(concepts))
+        return compute(generator, concepts)
+
+    trainer.step_loss = recording
+    summary = trainer.fit()
+    assert seen == [["a red"], ["a red"], ["b blue"], ["b blue"]]
+    assert trainer.bases["a red"].protected_prompts == [""]
+    assert trainer.bases["b blue"].protected_prompts == ["", "a red"]
+    assert all(layer.active_names == ["a_red", "b_blue"] for layer in cross_attention_kv(model).values())
+    assert {c: s["steps"] for c, s in summary["concepts"].items()} == {"a red": 2, "b blue": 2}
+
+
+def test_resume_gives_the_uninterrupted_result(wide_config: Path, fabric: Fabric, tmp_path: Path) -> None:
+    full = sepce(build_wide_tiny_model(wide_config), fabric, iterations=4)
+    full.fit()
+    reference = {name: p.detach().clone() for name, p in full.trained_parameters().items()}
+
+    checkpoint = tmp_path / "run.checkpoint.safetensors"
+    killed = sepce(build_wide_tiny_model(wide_config), fabric, iterations=4, save_every=2, checkpoint_path=checkpoint)
+    compute = killed.step_loss
+
+    def crash_after_two_steps(generator: torch.Generator, concepts: list[str]):
+        if killed.step == 2:
+            raise KeyboardInterrupt("killed")
+        return compute(generator, concepts)
+
+    killed.step_loss = crash_after_two_steps
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    resumed = sepce(
+        build_wide_tiny_model(wide_config), fabric, iterations=4, save_every=2, checkpoint_path=checkpoint, resume=True
+    )
+    summary = resumed.fit()
+    for name, parameter in resumed.trained_parameters().items():
+        torch.testing.assert_close(parameter, reference[name], rtol=1e-6, atol=0)
+    assert all(concept["steps"] == 4 for concept in summary["concepts"].values())
+
+    other = sepce(
+        build_wide_tiny_model(wide_config), fabric, iterations=4, lr=0.5, checkpoint_path=checkpoint, resume=True
+    )
+    with pytest.raises(CheckpointError, match="other settings"):
+        other.fit()
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(
+    model: nn.Module, wide_config: Path, fabric: Fabric, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "run.checkpoint.safetensors"
+    trainer = sepce(model, fabric, iterations=6, save_every=2, checkpoint_path=checkpoint)
+    apply_model = model.apply_model
+
+    def poisoned(x, t, cond, *args, **kwargs):
+        output = apply_model(x, t, cond, *args, **kwargs)
+        return output * float("nan") if trainer.step >= 3 else output
+
+    model.apply_model = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"step 4 .*checkpoint .*step 2"):
+        trainer.fit()
+    saved = checkpoint.read_bytes()
+    resumed = sepce(
+        build_wide_tiny_model(wide_config), fabric, iterations=6, save_every=2, checkpoint_path=checkpoint, resume=True
+    )
+    resumed.resume()
+    assert resumed.step == 2 and checkpoint.read_bytes() == saved
+    assert all(torch.isfinite(p).all() for p in resumed.trained_parameters().values())
+
+
+# ----------------------------------------------------------------------------- CiE and ESD
+def attn2_keys(model: nn.Module) -> set[str]:
+    return {key for key in frozen_state(model) if key.startswith("model.diffusion_model.") and ".attn2." in key}
+
+
+def test_cie_changes_only_cross_attention(model: nn.Module, fabric: Fabric) -> None:
+    before = frozen_state(model)
+    trainer = CiETrainer(model, fabric, "a red", random_latents(model)["a red"], config(lr=1e-3, iterations=2))
+    trainer.fit()
+    assert changed_keys(model, before) == attn2_keys(model)
+    difference = trainer.difference()
+    assert set(difference.deltas) == attn2_keys(model)
+    for key, delta in difference.deltas.items():
+        torch.testing.assert_close(before[key] + delta, model.state_dict()[key])
+
+
+@pytest.mark.parametrize("train_method", ["xattn", "noxattn"])
+def test_esd_changes_only_its_weights(model: nn.Module, fabric: Fabric, train_method: str) -> None:
+    before = frozen_state(model)
+    trainer = ESDTrainer(model, fabric, "a red", config(lr=1e-3, iterations=2), train_method, ddim_steps=3)
+    summary = trainer.fit()
+    unet_keys = {key for key in before if key.startswith("model.diffusion_model.")}
+    expected = attn2_keys(model) if train_method == "xattn" else unet_keys - attn2_keys(model)
+    assert changed_keys(model, before) == expected
+    assert summary["method"] == {"xattn": "esd_x", "noxattn": "esd_u"}[train_method]
+    assert summary["concepts"]["a red"]["stop_reason"] == "max_steps"
+
+
+def test_original_weights_swap_back_bit_exactly(model: nn.Module, fabric: Fabric) -> None:
+    trainer = CiETrainer(model, fabric, "a red", random_latents(model)["a red"], config(lr=1e-2, iterations=1))
+    trainer.fit()
+    trained = {name: p.detach().clone() for name, p in trainer.trained_parameters().items()}
+    with trainer.original_weights():
+        for name, parameter in trainer.trained_parameters().items():
+            assert not torch.equal(parameter, trained[name]) or name.endswith("bias")
+    for name, parameter in trainer.trained_parameters().items():
+        assert torch.equal(parameter, trained[name])
+
+
+# ----------------------------------------------------------------------------- runtime and data
+def test_step_draws_are_seeded_and_rows_split_evenly() -> None:
+    first = torch.randn(4, generator=step_generator(0, 5))
+    assert torch.equal(first, torch.randn(4, generator=step_generator(0, 5)))
+    assert not torch.equal(first, torch.randn(4, generator=step_generator(0, 6)))
+    assert [local_rows(6, rank, 3) for rank in range(3)] == [slice(0, 2), slice(2, 4), slice(4, 6)]
+    with pytest.raises(TrainingSetupError, match="multiple of 4"):
+        local_rows(6, 0, 4)
+
+
+def test_gradient_buckets_respect_size_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("erasure.trainers.runtime.BUCKET_ELEMENTS", 10)
+    grads = [torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(2, dtype=torch.float64), torch.zeros(30)]
+    assert [[g.numel() for g in bucket] for bucket in _buckets(grads)] == [[4, 4], [4], [2], [30]]
+
+
+def test_fp16_autocast_is_refused_on_cpu() -> None:
+    with pytest.raises(TrainingSetupError, match="16-mixed needs CUDA"):
+        make_fabric(FabricOptions(accelerator="cpu", precision="16-mixed"))
+    with pytest.raises(TrainingSetupError, match="--strategy"):
+        make_fabric(FabricOptions(strategy="fsdp"))
+
+
+def write_images(folder: Path, count: int, size: int = 16, seed: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{index:05d}.png")
+
+
+def test_training_images_bad_input(model: nn.Module, tmp_path: Path) -> None:
+    with pytest.raises(TrainingDataError, match="does not exist"):
+        image_files(tmp_path / "a_red")
+    (tmp_path / "a_red").mkdir()
+    with pytest.raises(TrainingDataError, match="is empty"):
+        image_files(tmp_path / "a_red")
+    write_images(tmp_path / "a_red", 2)
+    (tmp_path / "a_red" / "00002.png").write_bytes(b"not a png")
+    with pytest.raises(TrainingDataError, match="Cannot read training image .*00002.png"):
+        read_images(image_files(tmp_path / "a_red"))
+    (tmp_path / "a_red" / "00002.png").unlink()
+    write_images(tmp_path / "mixed", 1, size=16)
+    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "00001.png")
+    with pytest.raises(TrainingDataError, match="mixed sizes"):
+        read_images(image_files(tmp_path / "mixed"))
+    latents = concept_latents(model, tmp_path, ["a red"])
+    assert latents["a red"].shape == (2, model.channels, model.image_size, model.image_size)
+
+
+# ----------------------------------------------------------------------------- the script driver
+def cli_args(parser: argparse.ArgumentParser, model_files: tuple[Path, Path], *extra: str) -> argparse.Namespace:
+    config_path, ckpt_path = model_files
+    return parser.parse_args(
+        ["--config_path", str(config_path), "--ckpt_path", str(ckpt_path), "--accelerator", "cpu", "--no_progress",
+         "--iterations", "2", "--batch_size", "1", *extra]
+    )
+
+
+@pytest.fixture(scope="module")
+def model_files(wide_config: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    ckpt = tmp_path_factory.mktemp("ckpt") / "wide.safetensors"
+    state = build_wide_tiny_model(wide_config).state_dict()
+    save_file({key: value.contiguous() for key, value in state.items()}, str(ckpt))
+    return wide_config, ckpt
+
+
+def test_sepce_script_writes_named_increments_and_one_json_line(
+    model_files: tuple[Path, Path], fabric: Fabric, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    write_images(tmp_path / "data" / "a_red", 2)
+    args = cli_args(
+        cli.sepce_parser(), model_files, "--concepts", "a red", "--data_dir", str(tmp_path / "data"),
+        "--output_dir", str(tmp_path / "out"), "--min_dims", "1",
+    )
+    cli.run_sepce(fabric, args)
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    expected = tmp_path / "out" / "sepce-a_red-lr_0.1-beta_1e-4-lam_1e-6-tau_1e-4.safetensors"
+    assert summary["outputs"] == [str(expected)]
+    assert summary["concepts"]["a red"]["steps"] == 2 and summary["seconds"] > 0
+    increment = load_increment(expected)
+    assert increment.metadata["training"]["steps"] == 2 and increment.metadata["settings"]["lr"] == 0.1
+    with pytest.raises(ValueError, match="already exists"):
+        cli.run_sepce(fabric, args)
+
+
+def test_cie_script_generates_missing_images_once(
+    model_files: tuple[Path, Path], fabric: Fabric, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    monkeypatch.setattr("erasure.trainers.data.GENERATED_ROOT", tmp_path / "generated")
+    args = cli_args(
+        cli.cie_parser(), model_files, "--prompt", "a red", "--num_images", "2", "--output_dir", str(tmp_path / "out"),
+        "--lr", "1e-3",
+    )
+    load_model = cli.load_model
+
+    def load_with_fast_sampling(*arguments: object, **keywords: object) -> nn.Module:
+        loaded = load_model(*arguments, **keywords)
+        loaded.ldm_config.sampling = {"steps": 2, "guidance_scale": 1.0}
+        return loaded
+
+    monkeypatch.setattr(cli, "load_model", load_with_fast_sampling)
+    cli.run_cie(fabric, args)
+    out = capsys.readouterr().out
+    assert "Generating 2 training images of 'a red'" in out
+    folders = list((tmp_path / "generated").glob("*/a_red"))
+    assert len(folders) == 1 and len(list(folders[0].glob("*.png"))) == 2
+    written = json.loads(out.strip().splitlines()[-1])["outputs"][0]
+    assert Path(written).name == "cie-a_red-lr_1e-3-lam_1e-6-tau_1e-4.safetensors"
+    assert load_weight_difference(written).method == "cie"
+    cli.run_cie(fabric, cli_args(
+        cli.cie_parser(), model_files, "--prompt", "a red", "--num_images", "2", "--output_dir", str(tmp_path / "out"),
+        "--lr", "1e-3", "--overwrite",
+    ))
+    assert "Generating" not in capsys.readouterr().out
+
+
+def test_script_refuses_a_stale_checkpoint_and_device_flag(
+    model_files: tuple[Path, Path], fabric: Fabric, tmp_path: Path
+) -> None:
+    args = cli_args(cli.esd_parser(), model_files, "--prompt", "a red", "--output_dir", str(tmp_path))
+    stem = "esd_x-a_red-lr_1e-5-iter_2-sg_3-ng_1"
+    (tmp_path / f"{stem}{cli.CHECKPOINT_SUFFIX}").write_bytes(b"old")
+    with pytest.raises(TrainingSetupError, match="pass --resume to continue it or --overwrite"):
+        cli.run_esd(fabric, args)
+    args.device = "cuda"
+    with pytest.raises(TrainingSetupError, match="--accelerator"):
+        cli.run_esd(fabric, args)
+
+
+def test_output_names_record_the_hyperparameters() -> None:
+    assert cli.format_number(1e-4) == "1e-4" and cli.format_number(0.1) == "0.1" and cli.format_number(3e-5) == "3e-5"
+    assert cli.output_name("sepce", "van_gogh", {"lr": 0.1, "beta": 1e-4, "lam": 1e-6, "tau": 1e-4}) == (
+        "sepce-van_gogh-lr_0.1-beta_1e-4-lam_1e-6-tau_1e-4"
+    )

@@ -1,0 +1,84 @@
+"""Compose increments (and baseline weight differences) onto the base model; verify; export.
+
+--verify (increments only): composes them, prints the largest relative key/value change over
+every protected prompt of every increment and the largest absolute difference between the
+original model and the model after compose -> restore-all, as JSON on the last line.
+--output: writes the composed model, increments merged, as an ldm safetensors checkpoint that
+loads with the base model's config (e.g. --ckpt_path for txt2img or the diffusers export).
+
+    python train-scripts/compose.py --increments outputs/sepce-*.safetensors --verify
+    python train-scripts/compose.py --increments a.safetensors b.safetensors --output composed.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from erasure.files import ErasureFileError, check_writable  # noqa: E402
+from erasure.increments import (  # noqa: E402
+    ConceptIncrement,
+    IncrementError,
+    WeightDifferenceError,
+    apply_any,
+    export_checkpoint,
+    load_any,
+    verify,
+)
+from erasure.loading import ModelLoadError, add_model_arguments, load_model_from_args  # noqa: E402
+
+#: Errors that explain bad input themselves: printed as one line, without a traceback.
+USER_ERRORS = (ModelLoadError, ErasureFileError, IncrementError, WeightDifferenceError, FileNotFoundError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--increments", nargs="+", required=True, metavar="FILE", help="increment or weight-difference files"
+    )
+    parser.add_argument("--verify", action="store_true", help="check exactness of the increments (JSON last line)")
+    parser.add_argument("--output", default=None, help="write the composed model here (.safetensors)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    if args.output:
+        check_writable(args.output, args.overwrite)
+    items = [load_any(path) for path in args.increments]
+    differences = [str(item.source) for item in items if not isinstance(item, ConceptIncrement)]
+    if args.verify and differences:
+        raise IncrementError(
+            f"--verify checks SepCE increments, but {differences} are weight differences (which change every "
+            f"prompt by design); verify the increments alone."
+        )
+    model = load_model_from_args(args)
+    result: dict[str, object] = {}
+    if args.verify:
+        result.update(verify(model, items))
+        print(
+            f"Verified {len(items)} increments: key/value change of protected prompts <= "
+            f"{result['max_relative_kv_change']:.3g} (relative), restore difference {result['max_restore_abs_diff']:.3g}."
+        )
+    result["applied"] = apply_any(model, items)
+    if args.output:
+        result["output"] = str(export_checkpoint(model, args.output, overwrite=args.overwrite))
+        print(f"Wrote the composed model to {result['output']}")
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,15 @@
+"""Train CiE on every attn2 weight (a weight-difference file).
+
+Flags: python train-scripts/train-cie.py --help. Defaults are METHOD.md's reference settings;
+processes and devices: --accelerator, --devices, --num_nodes, --strategy (Lightning Fabric).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from erasure.trainers.cli import main, run_cie, cie_parser  # noqa: E402
+
+if __name__ == "__main__":
+    main(run_cie, cie_parser())

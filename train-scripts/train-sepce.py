@@ -1,0 +1,16 @@
+"""Train SepCE increments (one separable increment per concept).
+
+Flags: python train-scripts/train-sepce.py --help. Defaults are METHOD.md's reference settings;
+with no arguments it erases the first toy artist from the embedded toy model and
+writes the increment, a before/after grid and the toy oracle's accuracy table.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from erasure.trainers.cli import main, run_sepce, sepce_parser  # noqa: E402
+
+if __name__ == "__main__":
+    main(run_sepce, sepce_parser())
