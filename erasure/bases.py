@@ -73,7 +73,9 @@ def normalise_prompt(prompt: str) -> str:
 
 def _check_prompts(prompts: Sequence[str], what: str) -> list[str]:
     if isinstance(prompts, str) or not isinstance(prompts, Iterable):
-        raise TypeError(f"{what} must be a sequence of strings, got {type(prompts).__name__}; wrap one prompt in a list.")
+        raise TypeError(
+            f"{what} must be a sequence of strings, got {type(prompts).__name__}; wrap one prompt in a list."
+        )
     prompts = list(prompts)
     wrong = [p for p in prompts if not isinstance(p, str)]
     if wrong:

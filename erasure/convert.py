@@ -78,7 +78,13 @@ def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def _load_strictly(target: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Load a converted state dict; a key the converter missed means the export would be wrong."""
-    incompatible = target.load_state_dict(state, strict=False)
+    try:
+        incompatible = target.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # mis-shaped tensors
+        raise ExportError(
+            f"diffusers' converter produced tensors of the wrong shape for this {what} "
+            f"({str(error)[:300]}); its architecture has no diffusers equivalent."
+        ) from error
     if incompatible.missing_keys or incompatible.unexpected_keys:
         raise ExportError(
             f"diffusers' converter could not map this {what}: missing "
@@ -132,11 +138,13 @@ def to_diffusers_vae(model: nn.Module) -> DiffusersAutoencoderKL:
     config = _model_config(model)
     ddconfig = config.model.params.first_stage_config.params.ddconfig
     embed_dim = config.model.params.first_stage_config.params.embed_dim
-    if list(ddconfig.get("attn_resolutions", [])) or not ddconfig.get("double_z", True) or embed_dim != ddconfig.z_channels:
+    attention_levels = list(ddconfig.get("attn_resolutions", []))
+    double_z = ddconfig.get("double_z", True)
+    if attention_levels or not double_z or embed_dim != ddconfig.z_channels:
         raise ExportError(
             "diffusers' AutoencoderKL needs attn_resolutions [], double_z true and embed_dim == "
-            f"z_channels; this VAE has {list(ddconfig.get('attn_resolutions', []))}, "
-            f"{ddconfig.get('double_z')}, {embed_dim} vs {ddconfig.z_channels}. Use --unet_only."
+            f"z_channels; this VAE has {attention_levels}, {double_z}, {embed_dim} vs "
+            f"{ddconfig.z_channels}. Use --unet_only."
         )
     vae_config = create_vae_diffusers_config_from_ldm(
         OmegaConf.to_container(config, resolve=True), checkpoint={}, scaling_factor=float(model.scale_factor)

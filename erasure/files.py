@@ -35,14 +35,18 @@ class ErasureFileError(ValueError):
 
 def versions() -> dict[str, str]:
     """Library versions recorded in every file (they explain numerical differences later)."""
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "safetensors": safetensors.__version__}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }
 
 
 def check_writable(path: str | Path, overwrite: bool) -> Path:
     """Refuse an existing ``path`` unless ``overwrite``; refuse a directory always."""
     path = Path(path)
     if path.is_dir():
-        raise ErasureFileError(f"Output path {path} is a directory; pass a file name (e.g. {path / 'out.safetensors'}).")
+        raise ErasureFileError(f"Output path {path} is a directory; pass a file name inside it instead.")
     if path.exists() and not overwrite:
         raise ErasureFileError(f"Output file {path} already exists; pass overwrite=True (--overwrite) to replace it.")
     return path

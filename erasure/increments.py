@@ -118,7 +118,9 @@ def cross_attention_kv(model: nn.Module) -> dict[str, IncrementalLinear]:
 
 def _require_unmerged(layers: Mapping[str, IncrementalLinear], action: str) -> None:
     if any(layer.merged for layer in layers.values()):
-        raise IncrementError(f"Cannot {action} while increments are merged into the weights; call unmerge(model) first.")
+        raise IncrementError(
+            f"Cannot {action} while increments are merged into the weights; call unmerge(model) first."
+        )
 
 
 def _check_text_encoder(model_fp: str, basis: ConceptBasis, what: str) -> None:
@@ -147,7 +149,8 @@ def _check_coeffs(
     for name, layer in layers.items():
         expected = (layer.out_features, basis.dims)
         if tuple(coeffs[name].shape) != expected:
-            raise IncrementError(f"{what}: coefficients of {name} are {tuple(coeffs[name].shape)}, expected {expected}.")
+            got = tuple(coeffs[name].shape)
+            raise IncrementError(f"{what}: coefficients of {name} are {got}, expected {expected}.")
 
 
 def _attach(
@@ -237,14 +240,22 @@ def extract_increment(
     name = slugify(concept)
     missing = [layer_name for layer_name, layer in layers.items() if name not in layer.increments]
     if missing:
-        raise IncrementError(f"No increment {name!r} attached to {len(missing)} layers (e.g. {missing[0]}); attach and train it first.")
+        raise IncrementError(
+            f"No increment {name!r} attached to {len(missing)} layers (e.g. {missing[0]}); attach and train it first."
+        )
     betas = {layer.increments[name].beta for layer in layers.values()}
     if len(betas) != 1 or (beta is not None and betas != {float(beta)}):
         raise IncrementError(f"Increment {name!r} has beta {sorted(betas)} in the model, but beta={beta} was given.")
-    coeffs = {layer_name: layer.increments[name].coeff.detach().to("cpu", torch.float32).clone() for layer_name, layer in layers.items()}
+    coeffs = {
+        layer_name: layer.increments[name].coeff.detach().to("cpu", torch.float32).clone()
+        for layer_name, layer in layers.items()
+    }
     bad = [layer_name for layer_name, coeff in coeffs.items() if not torch.isfinite(coeff).all()]
     if bad:
-        raise IncrementError(f"Increment {name!r} has NaN/inf coefficients in {len(bad)} layers (e.g. {bad[0]}); training diverged, keep the last good checkpoint.")
+        raise IncrementError(
+            f"Increment {name!r} has NaN/inf coefficients in {len(bad)} layers (e.g. {bad[0]}); training diverged, "
+            f"keep the last good checkpoint."
+        )
     record = dict(metadata or {})
     record.setdefault("base_model_fingerprint", model_fingerprint(model))
     record.setdefault("versions", versions())
@@ -282,7 +293,9 @@ def load_increment(path: str | Path) -> ConceptIncrement:
         raise IncrementError(f"{path}: increment file lacks {error}; the file is corrupted, re-save it.") from error
     wrong = [layer for layer, coeff in coeffs.items() if coeff.ndim != 2 or coeff.shape[1] != basis.dims]
     if wrong:
-        raise IncrementError(f"{path}: coefficients of {wrong[0]} do not match the basis' {basis.dims} dims; the file is corrupted.")
+        raise IncrementError(
+            f"{path}: coefficients of {wrong[0]} do not match the basis' {basis.dims} dims; the file is corrupted."
+        )
     return increment
 
 
@@ -446,9 +459,11 @@ def verify(model: nn.Module, increments: Sequence[ConceptIncrement]) -> dict[str
     restore_diff = 0.0
     for key, original in before.items():
         now = after[key].detach().to("cpu")
-        if not torch.equal(now, original):
-            difference = (now.double() - original.double()).abs().max() if original.is_floating_point() else float("inf")
-            restore_diff = max(restore_diff, float(difference))
+        if torch.equal(now, original):
+            continue
+        if not original.is_floating_point():
+            raise IncrementError(f"Restore changed the non-floating tensor {key}; this is a bug, please report it.")
+        restore_diff = max(restore_diff, float((now.double() - original.double()).abs().max()))
     return {
         "increments": names,
         "layers": len(cross_attention_kv(model)),

@@ -156,6 +156,7 @@ def read_config(config_path: Path) -> DictConfig:
             f"as configs/stable-diffusion/v1-inference.yaml."
         )
     _clear_config_checkpoints(config.model, config_path)
+    _anchor_text_encoder_directory(config.model)
     return config
 
 
@@ -180,6 +181,21 @@ def _clear_config_checkpoints(model_config: DictConfig, config_path: Path) -> No
                 stacklevel=3,
             )
             node.ckpt_path = None
+
+
+def _anchor_text_encoder_directory(model_config: DictConfig) -> None:
+    """Make a repo-relative text-encoder directory (the toy's ``models/toy/text_encoder``) absolute.
+
+    Without this, a script started outside the repository root would look the relative path up
+    on the Hugging Face Hub instead of reading the local directory.
+    """
+    params = model_config.get("params", {}).get("cond_stage_config", {})
+    params = params.get("params") if isinstance(params, DictConfig) else None
+    version = None if params is None else params.get("version")
+    if version is None or Path(version).is_absolute() or Path(version).exists():
+        return
+    if (REPO_ROOT / version).is_dir():
+        params.version = str(REPO_ROOT / version)
 
 
 def read_checkpoint(ckpt_path: Path) -> dict[str, torch.Tensor]:
@@ -312,7 +328,10 @@ def _load_weights(
     broken_unexpected = [key for key in unexpected if _required_part(key) is not None]
     if mis_shaped or broken_missing or broken_unexpected:
         problems = (
-            [f"mis-shaped {_describe(key)} (checkpoint {got}, model {want})" for key, (got, want) in mis_shaped.items()]
+            [
+                f"mis-shaped {_describe(key)} (checkpoint {got}, model {want})"
+                for key, (got, want) in mis_shaped.items()
+            ]
             + [f"missing {_describe(key)}" for key in broken_missing]
             + [f"unexpected {_describe(key)}" for key in broken_unexpected]
         )
@@ -341,8 +360,8 @@ def _load_weights(
 
 
 def _instantiate(config: DictConfig, config_path: Path) -> LatentDiffusion:
-    """Build the model of ``config``; only targets that are built now must be importable
-    (v1-inference.yaml names a training-only lr scheduler that inference never imports)."""
+    """Build the model of ``config``. Only the targets built now must be importable; training-only
+    ones (``scheduler_config``) are resolved by the trainer when it needs them."""
     from ldm.models.diffusion.ddpm import LatentDiffusion
 
     try:

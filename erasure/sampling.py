@@ -265,7 +265,7 @@ def generate_concept_images(
     Resumable: images already present are kept and only the missing ones are sampled. The
     folder's ``seeds.json`` records prompt, seeds, sampler settings and the model fingerprint;
     a folder made with another prompt, model or setting is refused. With ``world_size > 1``
-    each rank samples every ``world_size``-th missing image (rank 0 writes ``seeds.json``);
+    rank r samples the missing images among r, r + world_size, ... (rank 0 writes ``seeds.json``);
     the caller waits for all ranks before reading the folder. Returns the image paths.
     """
     if num_images < 1:
@@ -282,8 +282,8 @@ def generate_concept_images(
     if rank == 0:
         write_json(record, seeds_path)
     paths = [out_dir / IMAGE_PATTERN.format(index=index) for index in range(num_images)]
-    missing = [index for index, path in enumerate(paths) if not path.is_file()]
-    mine = missing[rank::world_size]
+    # Shard by image index, not by what is missing: ranks look at the folder at different times.
+    mine = [index for index in range(rank, num_images, world_size) if not paths[index].is_file()]
     bar = tqdm(total=len(mine), desc=f"images of {prompt!r}", disable=not progress or not mine)
     for start in range(0, len(mine), batch_size):
         indices = mine[start : start + batch_size]

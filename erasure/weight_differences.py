@@ -61,12 +61,16 @@ def weight_difference(
     """
     if set(original) != set(trained):
         differing = sorted(set(original) ^ set(trained))
-        raise ValueError(f"original and trained have different keys, e.g. {differing[:3]}; pass the same state-dict subset.")
+        raise ValueError(
+            f"original and trained have different keys, e.g. {differing[:3]}; pass the same state-dict subset."
+        )
     deltas = {}
     for key, before in original.items():
         after = trained[key]
         if before.shape != after.shape:
-            raise ValueError(f"{key}: original {tuple(before.shape)} vs trained {tuple(after.shape)}; not the same model.")
+            raise ValueError(
+                f"{key}: original {tuple(before.shape)} vs trained {tuple(after.shape)}; not the same model."
+            )
         if torch.equal(before.detach().cpu(), after.detach().cpu()):
             continue
         if not before.is_floating_point():
@@ -86,7 +90,9 @@ def save_weight_difference(difference: WeightDifference, path: str | Path, overw
         )
     bad = [key for key, delta in difference.deltas.items() if not torch.isfinite(delta).all()]
     if bad:
-        raise ValueError(f"{difference.describe()} has NaN/inf in {bad[0]}; training diverged, keep the last good checkpoint.")
+        raise ValueError(
+            f"{difference.describe()} has NaN/inf in {bad[0]}; training diverged, keep the last good checkpoint."
+        )
     header = {
         "method": difference.method,
         "concept": difference.concept,

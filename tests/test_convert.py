@@ -16,7 +16,7 @@ from torch import nn
 from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
 
 from erasure.bases import compute_basis
-from erasure.convert import ExportError, export_diffusers
+from erasure.convert import ExportError, export_diffusers, to_diffusers_scheduler
 from erasure.increments import ConceptIncrement, compose, cross_attention_kv, load_increment, save_increment, slugify
 from erasure.loading import load_model, model_fingerprint
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -26,6 +26,8 @@ PROMPT = "a painting of the sea"
 STEPS = 10
 GUIDANCE = 7.5
 LATENT_SHAPE = (4, 8, 8)  # tiny-sd.yaml: 4 latent channels, image_size 8; the VAE doubles it
+TOY_LATENT_SHAPE = (12, 8, 8)  # toy-ldm.yaml's 12 pixel-unshuffled channels, a smaller side
+TOY_CONFIG = REPO_ROOT / "configs" / "toy" / "toy-ldm.yaml"
 TOLERANCE = 1e-4
 
 
@@ -122,9 +124,9 @@ def unet_from_folder(folder: Path) -> UNet2DConditionModel:
     return unet.eval()
 
 
-def unet_gap(unet: UNet2DConditionModel, model: nn.Module) -> float:
+def unet_gap(unet: UNet2DConditionModel, model: nn.Module, shape: tuple[int, ...] = LATENT_SHAPE) -> float:
     generator = torch.Generator().manual_seed(1)
-    latents = torch.randn((2, *LATENT_SHAPE), generator=generator)
+    latents = torch.randn((2, *shape), generator=generator)
     timesteps = torch.tensor([10, 700])
     with torch.no_grad():
         context = model.get_learned_conditioning([PROMPT, ""])
@@ -162,20 +164,29 @@ def test_existing_target_is_refused_unless_overwrite(tiny_ldm: nn.Module, tmp_pa
     assert sorted(path.name for path in tmp_path.iterdir()) == ["unet"]  # no staging leftovers
 
 
-def test_first_stage_without_kl_autoencoder_needs_unet_only(tiny_clip_dir: Path, tmp_path: Path) -> None:
-    config = tiny_model_config(tiny_clip_dir)
-    config.params.first_stage_config = {
-        "target": "ldm.models.autoencoder.PixelUnshuffleFirstStage",
-        "params": {"factor": 2},
-    }
-    config.params.unet_config.params.in_channels = 12
-    config.params.unet_config.params.out_channels = 12
-    config.params.channels = 12
-    model = save_and_load(config, tmp_path / "pixel")
+def toy_layout_config(clip_dir: Path):
+    """configs/toy/toy-ldm.yaml (pixel-unshuffle first stage, v-prediction, cosine schedule,
+    num_head_channels) with the tiny text encoder and a smaller latent."""
+    toy = OmegaConf.load(TOY_CONFIG).model
+    config = tiny_model_config(clip_dir)
+    for key in ("parameterization", "beta_schedule", "channels", "scale_factor", "first_stage_config", "unet_config"):
+        config.params[key] = toy.params[key]
+    config.params.image_size = TOY_LATENT_SHAPE[1]
+    config.params.unet_config.params.context_dim = 32
+    return config
+
+
+def test_toy_layout_exports_the_unet_only(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    model = save_and_load(toy_layout_config(tiny_clip_dir), tmp_path / "toy")
     with pytest.raises(ExportError, match="PixelUnshuffleFirstStage. Export the UNet alone with --unet_only"):
         export_diffusers(model, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
-    assert unet_from_folder(export_diffusers(model, tmp_path / "unet", unet_only=True)).config.in_channels == 12
+    unet = unet_from_folder(export_diffusers(model, tmp_path / "unet", unet_only=True))
+    assert unet.config.down_block_types[0] == "DownBlock2D"  # toy: no attention at full resolution
+    assert unet_gap(unet, model, TOY_LATENT_SHAPE) < TOLERANCE
+    scheduler = to_diffusers_scheduler(model)  # cosine betas are passed as trained_betas
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert torch.allclose(scheduler.alphas_cumprod, model.alphas_cumprod, atol=1e-6)
 
 
 def load_script():

@@ -140,7 +140,8 @@ def test_increment_for_another_base_model_is_refused(model: nn.Module, increment
     loaded = load_increment(path)
     with torch.no_grad():
         cross_attention_kv(model)["middle_block.1.transformer_blocks.0.attn2.to_v"].weight.mul_(1.01)
-    with pytest.raises(IncrementError, match=f"van_gogh.safetensors.*{loaded.base_model_fingerprint}.*{model_fingerprint(model)}"):
+    both = f"van_gogh.safetensors.*{loaded.base_model_fingerprint}.*{model_fingerprint(model)}"
+    with pytest.raises(IncrementError, match=both):
         compose(model, [loaded, increments[1]])
     assert active_concepts(model) == [], "nothing is attached when any increment is refused"
 
@@ -185,7 +186,9 @@ def test_protected_keys_and_values_unchanged(model: nn.Module, increments: list)
         assert relative(only_cezanne[name][4], original[name][4]) > 1e-3, "cezanne's own keys move"
 
 
-def test_restoring_one_concept_brings_back_its_outputs(model: nn.Module, base_model: nn.Module, increments: list) -> None:
+def test_restoring_one_concept_brings_back_its_outputs(
+    model: nn.Module, base_model: nn.Module, increments: list
+) -> None:
     compose(model, increments)
     erased = unet_output(model, "picasso")
     original = unet_output(base_model, "picasso")
@@ -288,7 +291,8 @@ def test_weight_difference_apply_and_remove(model: nn.Module, base_model: nn.Mod
 def test_apply_any_takes_both_kinds(model: nn.Module, increments: list) -> None:
     key = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_q.weight"
     delta = torch.full_like(model.state_dict()[key], 1e-3)
-    difference = WeightDifference("esd-x", "picasso", {key: delta}, {"base_model_fingerprint": model_fingerprint(model)})
+    record = {"base_model_fingerprint": model_fingerprint(model)}
+    difference = WeightDifference("esd-x", "picasso", {key: delta}, record)
     before = model.state_dict()[key].clone()
     summary = apply_any(model, [increments[0], difference])
     assert summary == {"increments": ["van_gogh"], "weight_differences": ["esd-x/picasso"]}
@@ -311,7 +315,9 @@ def test_generate_bases_and_compose_scripts(
     model_args = ["--config_path", str(wide_config), "--ckpt_path", str(ckpt)]
     bases_dir = tmp_path / "bases"
     generate = load_script("generate-bases")
-    generate.main([*model_args, "--concepts", *CONCEPTS[:2], "--protected", "red circle", "--output_dir", str(bases_dir)])
+    generate.main(
+        [*model_args, "--concepts", *CONCEPTS[:2], "--protected", "red circle", "--output_dir", str(bases_dir)]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [row["concept"] for row in summary["bases"]] == CONCEPTS[:2] and summary["mode"] == "joint"
     basis = load_basis(bases_dir / "basis-van_gogh.safetensors")

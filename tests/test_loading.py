@@ -286,3 +286,18 @@ def test_fingerprints_follow_the_weights_they_cover(tiny_model: nn.Module) -> No
     attention.to_k.merge()
     with pytest.raises(ModelLoadError, match="merged increments"):
         model_fingerprint(tiny_model)
+
+
+def test_repo_relative_text_encoder_directory_is_anchored(
+    tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The toy config names models/toy/text_encoder relative to the repository, not the cwd."""
+    repo = tmp_path / "repo"
+    (repo / "models" / "clip").mkdir(parents=True)
+    config = tiny_model_config(tiny_clip_dir)
+    config.params.cond_stage_config.params.version = "models/clip"
+    path = write_config(tmp_path / "relative.yaml", config)
+    monkeypatch.setattr(loading, "REPO_ROOT", repo)
+    monkeypatch.chdir(tmp_path)
+    version = loading.read_config(path).model.params.cond_stage_config.params.version
+    assert version == str(repo / "models" / "clip")

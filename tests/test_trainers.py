@@ -99,18 +99,21 @@ def test_sepce_joint_changes_only_coefficients(model: nn.Module, fabric: Fabric)
 
 
 def test_sepce_keeps_protected_keys_and_values(model: nn.Module, fabric: Fabric) -> None:
-    trainer = sepce(model, fabric)
+    trainer = sepce(model, fabric, lr=100.0)
     trainer.fit()
     unet = model.model.diffusion_model
-    for prompt, changes in (("", False), ("a red", True), ("b blue", True)):
+    largest = {}
+    for prompt in ("", *CONCEPTS):
         context = model.get_learned_conditioning([prompt])
-        for name, layer in cross_attention_kv(model).items():
+        largest[prompt] = 0.0
+        for layer in cross_attention_kv(model).values():
             with torch.no_grad():
                 erased = layer(context)
                 with increments_disabled(unet):
                     original = layer(context)
-            relative = float((erased - original).norm() / original.norm())
-            assert (relative > 1e-6) == changes, (prompt, name, relative)
+            largest[prompt] = max(largest[prompt], float((erased - original).norm() / original.norm()))
+    assert largest[""] < 1e-6, largest
+    assert min(largest[concept] for concept in CONCEPTS) > 1000 * max(largest[""], 1e-9), largest
     # each concept is protected by the OTHER concept's increment: switch one on at a time
     for own, other in (("a red", "b blue"), ("b blue", "a red")):
         context = model.get_learned_conditioning([other])
@@ -125,7 +128,7 @@ def test_sepce_keeps_protected_keys_and_values(model: nn.Module, fabric: Fabric)
 
 
 def test_direction_loss_decreases(model: nn.Module, fabric: Fabric) -> None:
-    trainer = sepce(model, fabric, iterations=8, lr=20.0)
+    trainer = sepce(model, fabric, iterations=8, lr=3000.0)  # beta = 1e-4 scales the coefficients down
     probe = step_generator(123, 0)
 
     def direction() -> dict[str, float]:
@@ -264,7 +267,7 @@ def test_cie_changes_only_cross_attention(model: nn.Module, fabric: Fabric) -> N
 @pytest.mark.parametrize("train_method", ["xattn", "noxattn"])
 def test_esd_changes_only_its_weights(model: nn.Module, fabric: Fabric, train_method: str) -> None:
     before = frozen_state(model)
-    trainer = ESDTrainer(model, fabric, "a red", config(lr=1e-3, iterations=2), train_method, ddim_steps=3)
+    trainer = ESDTrainer(model, fabric, "a red", config(lr=1e-3, iterations=2), train_method, ddim_steps=4)
     summary = trainer.fit()
     unet_keys = {key for key in before if key.startswith("model.diffusion_model.")}
     expected = attn2_keys(model) if train_method == "xattn" else unet_keys - attn2_keys(model)

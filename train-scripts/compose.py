@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if args.verify:
         result.update(verify(model, items))
         print(
-            f"Verified {len(items)} increments: key/value change of protected prompts <= "
-            f"{result['max_relative_kv_change']:.3g} (relative), restore difference {result['max_restore_abs_diff']:.3g}."
+            f"Verified {len(items)} increments: protected keys/values change by <= "
+            f"{result['max_relative_kv_change']:.3g} (relative); compose -> restore differs by "
+            f"{result['max_restore_abs_diff']:.3g}."
         )
     result["applied"] = apply_any(model, items)
     if args.output:

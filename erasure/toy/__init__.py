@@ -8,5 +8,6 @@ model's training loop). The shipped files live in `models/toy/` (TOY_DIR).
 
 from pathlib import Path
 
-TOY_DIR = Path(__file__).resolve().parents[2] / "models" / "toy"
-TOY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy" / "toy-ldm.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOY_DIR = REPO_ROOT / "models" / "toy"
+TOY_CONFIG = REPO_ROOT / "configs" / "toy" / "toy-ldm.yaml"

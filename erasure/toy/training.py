@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig
 
+from erasure.toy import REPO_ROOT
 from erasure.toy.render import render_batch, random_scene
 from erasure.toy.tokenizer import END_TOKEN, START_TOKEN, load_tokenizer, write_tokenizer
 from erasure.toy.world import ARTISTS, BLANK_PROMPT, NUM_CLASSES
@@ -195,6 +196,11 @@ def null_space_dimensions(model: LatentDiffusion) -> dict[str, float | int]:
             "null_space_dims": rows.shape[1] - rank, "relative_tolerance": NULL_SPACE_TOLERANCE}
 
 
+def _repo_relative(path: Path) -> str:
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(resolved)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -299,7 +305,10 @@ class ToyTrainer:
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, self.cfg)
-        context = self.model.get_learned_conditioning(prompts)
+        # Encode each distinct caption once (a batch repeats "" and the bare names many times).
+        distinct = sorted(set(prompts))
+        rows = torch.tensor([distinct.index(p) for p in prompts])
+        context = self.model.get_learned_conditioning(distinct)[rows.to(self.model.device)]
         loss = diffusion_loss(self.model, images.to(self.model.device), context, generator, self.cfg.min_snr_gamma)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -378,7 +387,7 @@ class ToyTrainer:
         meta = {
             "description": "toy text-to-image LatentDiffusion (9 fictional artists + blank); UNet and text "
                            "encoder weights are the EMA of training",
-            "config_file": str(self.config_path),
+            "config_file": _repo_relative(self.config_path),
             "config": OmegaConf.to_container(self.config, resolve=True),
             "training": asdict(self.cfg),
             "seed": self.cfg.seed,

@@ -4,7 +4,8 @@
 in each; ``run_sepce`` / ``run_cie`` / ``run_esd`` load the model on every rank, prepare the
 training images (generated once by the original model when ``--data_dir`` is not given),
 train, and let rank 0 write the result and print ONE JSON line: per concept the steps run, why
-it stopped and the final momentum, the total seconds and the files written.
+it stopped and the final momentum, the training seconds, the files written and the total
+seconds (loading, images, training, writing).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,8 +39,8 @@ CHECKPOINT_SUFFIX = ".checkpoint.safetensors"
 
 
 def format_number(value: float) -> str:
-    """Short, file-name-safe numbers: 0.1 -> "0.1", 1e-4 -> "1e-4", 3 -> "3"."""
-    if value != 0 and not 1e-3 <= abs(value) < 1e4:
+    """Short, file-name-safe numbers: 0.1 -> "0.1", 0.001 -> "1e-3", 3 -> "3"."""
+    if value != 0 and not 1e-2 <= abs(value) < 1e4:
         mantissa, exponent = f"{value:e}".split("e")
         return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
     return f"{value:g}"
@@ -128,6 +130,7 @@ class RunContext:
                 f"--device {args.device} does not apply to training: processes and devices are chosen with "
                 f"--accelerator/--devices (e.g. --accelerator cuda --devices 1)."
             )
+        self.started = time.perf_counter()
         self.fabric = fabric
         self.args = args
         self.rank = fabric.global_rank
@@ -172,6 +175,7 @@ class RunContext:
         summary = trainer.fit()
         if self.rank == 0:
             summary["outputs"] = [str(path) for path in written()]
+            summary["total_seconds"] = round(time.perf_counter() - self.started, 2)
             print(json.dumps(summary, default=_json_number), flush=True)
         self.fabric.barrier()
         return summary

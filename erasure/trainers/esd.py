@@ -58,6 +58,7 @@ class ESDTrainer(WeightTrainer):
         self.start_guidance = float(start_guidance)
         self.negative_guidance = float(negative_guidance)
         self.sampler = DDIMSampler(model)
+        self.sampler.make_schedule(ddim_steps)  # refuses a step count the schedule cannot make, before training
 
     def make_stopper(self) -> MomentumStopper:
         """No early stop (warm-up = limit): ESD runs all its iterations; the momentum is only reported."""

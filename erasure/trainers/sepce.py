@@ -143,7 +143,10 @@ class SepCETrainer(ConceptTrainer):
             products.append(direction_product(r_trained, r_frozen))
         # eta_i uses the norms of P_i over the global batch: sum the squares over ranks.
         global_norms = global_sum(self.fabric, [product.detach().float().pow(2).sum() for product in products]).sqrt()
-        eta = joint_weights([norm.reshape(1) for norm in global_norms]).to(trained.device)
+        if torch.isfinite(global_norms).all():
+            eta = joint_weights([norm.reshape(1) for norm in global_norms]).to(trained.device)
+        else:  # the loss is non-finite too; the loop stops with NonFiniteLossError
+            eta = torch.ones(len(products), device=trained.device)
         directions = [product.mean() for product in products]
         loss = sum(weight * direction for weight, direction in zip(eta, directions))
         if self.lam:

@@ -1,0 +1,74 @@
+"""Two-process DDP on CPU (gloo, Lightning Fabric) gives the increments of one process with the
+same global batch and seed: the real script is launched with --devices 2 --strategy ddp."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning_fabric import Fabric
+from PIL import Image
+from safetensors.torch import save_file
+
+from erasure.increments import load_increment
+from erasure.trainers import cli
+from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
+
+SCRIPT = Path(__file__).resolve().parents[1] / "train-scripts" / "train-sepce.py"
+CONCEPTS = ["a red", "b blue"]
+
+
+def write_model_and_images(directory: Path) -> tuple[Path, Path, Path]:
+    config = write_wide_tiny_config(directory)
+    ckpt = directory / "model.safetensors"
+    state = build_wide_tiny_model(config).state_dict()
+    save_file({key: value.contiguous() for key, value in state.items()}, str(ckpt))
+    rng = np.random.default_rng(0)
+    for concept in ("a_red", "b_blue"):
+        (directory / "data" / concept).mkdir(parents=True)
+        for index in range(3):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(directory / "data" / concept / f"{index:05d}.png")
+    return config, ckpt, directory / "data"
+
+
+def arguments(config: Path, ckpt: Path, data: Path, output: Path) -> list[str]:
+    return [
+        "--config_path", str(config), "--ckpt_path", str(ckpt), "--data_dir", str(data), "--output_dir", str(output),
+        "--concepts", *CONCEPTS, "--accelerator", "cpu", "--iterations", "3", "--batch_size", "4",
+        "--lr", "1000", "--tau", "-1", "--save_every", "0", "--no_progress",
+    ]
+
+
+def coefficients(output: Path, concept: str) -> dict[str, torch.Tensor]:
+    return load_increment(next(output.glob(f"sepce-{concept}-*.safetensors"))).coeffs
+
+
+def test_two_ddp_processes_match_one_process(tmp_path: Path) -> None:
+    config, ckpt, data = write_model_and_images(tmp_path)
+    single = tmp_path / "single"
+    fabric = Fabric(accelerator="cpu", devices=1)
+    fabric.launch()
+    cli.run_sepce(fabric, cli.sepce_parser().parse_args(arguments(config, ckpt, data, single)))
+
+    distributed = tmp_path / "ddp"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), *arguments(config, ckpt, data, distributed), "--devices", "2", "--strategy", "ddp"],
+        capture_output=True, text=True, timeout=600, env=environment,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert all(entry["steps"] == 3 for entry in summary["concepts"].values())
+    for concept in ("a_red", "b_blue"):
+        reference, result = coefficients(single, concept), coefficients(distributed, concept)
+        assert reference.keys() == result.keys()
+        assert any(torch.count_nonzero(value) for value in reference.values())
+        for layer in reference:
+            torch.testing.assert_close(result[layer], reference[layer], rtol=1e-4, atol=1e-5)
