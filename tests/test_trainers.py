@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,16 +14,18 @@ import torch
 from lightning_fabric import Fabric
 from PIL import Image
 from safetensors.torch import save_file
+from omegaconf import OmegaConf
 from torch import nn
 
 from erasure.bases import compute_bases
-from erasure.increments import cross_attention_kv, load_increment, slugify
+from erasure.increments import cross_attention_kv, load_increment, restore, slugify
 from erasure.trainers import cli
 from erasure.trainers.checkpoint import CheckpointError
 from erasure.trainers.cie import CiETrainer
 from erasure.trainers.data import TrainingDataError, concept_latents, image_files, read_images
 from erasure.trainers.esd import ESDTrainer
-from erasure.trainers.loop import NonFiniteLossError, TrainingConfig
+from erasure.trainers.loop import NonFiniteLossError, TrainingConfig, predict_eps
+from erasure.trainers.report import before_after_report, markdown_table, report_paths
 from erasure.trainers.runtime import (
     FabricOptions,
     TrainingSetupError,
@@ -50,11 +53,15 @@ def model(wide_config: Path) -> nn.Module:
     return build_wide_tiny_model(wide_config)
 
 
-@pytest.fixture(scope="module")
-def fabric() -> Fabric:
+def make_cpu_fabric() -> Fabric:
     fabric = Fabric(accelerator="cpu", devices=1)
     fabric.launch()
     return fabric
+
+
+@pytest.fixture(scope="module")
+def fabric() -> Fabric:
+    return make_cpu_fabric()
 
 
 def random_latents(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -248,6 +255,33 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(
     assert all(torch.isfinite(p).all() for p in resumed.trained_parameters().values())
 
 
+def test_each_rank_takes_its_slice_of_the_global_batch(model: nn.Module) -> None:
+    latents = random_latents(model)
+    draws = {}
+    for rank in (0, 1):
+        rank_fabric = SimpleNamespace(global_rank=rank, world_size=2, device=torch.device("cpu"))
+        bases = compute_bases(model, CONCEPTS[:1], min_dims=1)
+        trainer = SepCETrainer(model, rank_fabric, bases, latents, config(batch_size=4))
+        draws[rank] = trainer.draw_concept_batch(step_generator(0, 7), latents["a red"])
+        restore(model, CONCEPTS[:1])
+    whole = SepCETrainer(model, make_cpu_fabric(), compute_bases(model, CONCEPTS[:1], min_dims=1), latents, config(batch_size=4))
+    full = whole.draw_concept_batch(step_generator(0, 7), latents["a red"])
+    for field in ("latents", "timesteps", "noise"):
+        halves = torch.cat([getattr(draws[0], field), getattr(draws[1], field)])
+        assert getattr(draws[0], field).shape[0] == 2
+        assert torch.equal(halves, getattr(full, field))
+
+
+def test_bf16_autocast_trains_on_cpu(model: nn.Module) -> None:
+    bf16 = Fabric(accelerator="cpu", devices=1, precision="bf16-mixed")
+    bf16.launch()
+    before = frozen_state(model)
+    trainer = sepce(model, bf16, iterations=2, lr=100.0)
+    trainer.fit()
+    assert changed_keys(model, before) == set()
+    assert all(torch.isfinite(p).all() and torch.count_nonzero(p) for p in trainer.trained_parameters().values())
+
+
 # ----------------------------------------------------------------------------- CiE and ESD
 def attn2_keys(model: nn.Module) -> set[str]:
     return {key for key in frozen_state(model) if key.startswith("model.diffusion_model.") and ".attn2." in key}
@@ -423,3 +457,32 @@ def test_output_names_record_the_hyperparameters() -> None:
     assert cli.output_name("sepce", "van_gogh", {"lr": 0.1, "beta": 1e-4, "lam": 1e-6, "tau": 1e-4}) == (
         "sepce-van_gogh-lr_0.1-beta_1e-4-lam_1e-6-tau_1e-4"
     )
+
+
+def test_before_after_report_on_the_tiny_model(model: nn.Module, fabric: Fabric, tmp_path: Path) -> None:
+    model.ldm_config = OmegaConf.create({"sampling": {"steps": 2, "guidance_scale": 1.0}})
+    trainer = sepce(model, fabric, iterations=1)
+    trainer.fit()
+    report = before_after_report(
+        model, ["", "a red"], ["blank", "A Red"], ["a red"], lambda images: torch.zeros(len(images)), tmp_path / "run",
+        samples_per_class=2,
+    )
+    assert report["classes"] == {
+        "blank": {"erased": False, "accuracy_before": 1.0, "accuracy_after": 1.0},
+        "A Red": {"erased": True, "accuracy_before": 0.0, "accuracy_after": 0.0},
+    }
+    grid_path, table_path = report_paths(tmp_path / "run")
+    assert Image.open(grid_path).size == (4 * 18 + 2, 2 * 18 + 2)  # 2 rows of 2 before + 2 after, 16 px + padding
+    assert json.loads(table_path.read_text())["seeds"] == report["seeds"]
+    assert "| A Red | yes | 0.00 | 0.00 |" in markdown_table(report)
+
+
+def test_losses_are_defined_on_eps_for_v_models(model: nn.Module) -> None:
+    x = torch.randn(2, model.channels, model.image_size, model.image_size)
+    t = torch.tensor([10, 900])
+    context = model.get_learned_conditioning(["a red", ""])
+    with torch.no_grad():
+        raw = model.apply_model(x, t, context)
+        assert torch.equal(predict_eps(model, x, t, context), raw)
+        model.parameterization = "v"
+        torch.testing.assert_close(predict_eps(model, x, t, context), model.predict_eps_from_z_and_v(x, t, raw))

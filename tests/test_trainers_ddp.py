@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from lightning_fabric import Fabric
 from PIL import Image
@@ -65,10 +64,14 @@ def test_two_ddp_processes_match_one_process(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert summary["processes"] == 2 and summary["global_batch"] == 4
     assert all(entry["steps"] == 3 for entry in summary["concepts"].values())
     for concept in ("a_red", "b_blue"):
         reference, result = coefficients(single, concept), coefficients(distributed, concept)
         assert reference.keys() == result.keys()
         assert any(torch.count_nonzero(value) for value in reference.values())
         for layer in reference:
-            torch.testing.assert_close(result[layer], reference[layer], rtol=1e-4, atol=1e-5)
+            # Adam divides by sqrt(v): gradients that differ by float rounding (a sum over 2 ranks vs
+            # over 1 batch) move near-zero entries by rounding-sized amounts; compare at tensor scale.
+            scale = reference[layer].abs().max()
+            torch.testing.assert_close(result[layer], reference[layer], rtol=0, atol=1e-4 * float(scale))

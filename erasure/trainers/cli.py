@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_fabric import Fabric
+from torch import nn
+
 from erasure.bases import DEFAULT_MIN_DIMS, DEFAULT_RTOL, compute_bases
 from erasure.files import check_writable
 from erasure.increments import save_increment, slugify
@@ -27,8 +29,9 @@ from erasure.sampling import sampling_settings
 from erasure.trainers import cie, esd, sepce
 from erasure.trainers.data import concept_latents, default_data_dir, ensure_generated
 from erasure.trainers.loop import ConceptTrainer, TrainingConfig
-from erasure.trainers.report import before_after_report, markdown_table
+from erasure.trainers.report import before_after_report, markdown_table, report_paths
 from erasure.trainers.runtime import TrainingSetupError, add_fabric_arguments, fabric_options_from_args, make_fabric
+from erasure.trainers.weights import WeightTrainer
 from erasure.toy.oracle import load_oracle
 from erasure.toy.world import ARTISTS, CLASS_NAMES, NUM_CLASSES, class_prompt
 from erasure.weight_differences import save_weight_difference
@@ -135,17 +138,27 @@ class RunContext:
         self.args = args
         self.rank = fabric.global_rank
         self.output_dir = Path(args.output_dir)
+        self.model: nn.Module | None = None
+
+    def load(self) -> nn.Module:
+        """Load the base model on CPU and move it to this process's device."""
+        args = self.args
         self.model = load_model(args.config_path, args.ckpt_path, "cpu", args.use_ema, verbose=self.rank == 0)
-        self.model.to(fabric.device)
+        self.model.to(self.fabric.device)
+        self.say(f"Training on {self.fabric.device} in {self.fabric.world_size} process(es).")
+        return self.model
 
     def say(self, message: str) -> None:
         if self.rank == 0:
             print(message, flush=True)
 
-    def prepare_outputs(self, outputs: Sequence[Path], checkpoint: Path) -> None:
+    def prepare_outputs(self, outputs: Sequence[Path], checkpoint: Path, extra: Sequence[Path] = ()) -> None:
         """Refuse existing outputs (unless --overwrite) and a stale checkpoint (unless --resume/--overwrite)."""
         for path in outputs:
             check_writable(path, self.args.overwrite)
+        for path in extra:
+            if path.exists() and not self.args.overwrite:
+                raise TrainingSetupError(f"Output file {path} already exists; pass --overwrite to replace it.")
         if self.args.resume and not checkpoint.is_file():
             raise TrainingSetupError(f"--resume: there is no checkpoint {checkpoint}; run without --resume.")
         stale = checkpoint.exists() and not self.args.resume
@@ -171,10 +184,14 @@ class RunContext:
         return concept_latents(self.model, data_dir, concepts, limit=self.args.num_images)
 
     def finish(self, trainer: ConceptTrainer, written: Callable[[], list[Path]]) -> dict[str, Any]:
-        """Train, let rank 0 write the results, print the summary line; returns the summary."""
+        """Train, let rank 0 write the results (then drop the run's checkpoint, whose job is done)
+        and print the summary line; returns the summary."""
         summary = trainer.fit()
         if self.rank == 0:
             summary["outputs"] = [str(path) for path in written()]
+            checkpoint = trainer.config.checkpoint_path
+            if checkpoint is not None:
+                checkpoint.unlink(missing_ok=True)
             summary["total_seconds"] = round(time.perf_counter() - self.started, 2)
             print(json.dumps(summary, default=_json_number), flush=True)
         self.fabric.barrier()
@@ -208,20 +225,22 @@ def sepce_parser() -> argparse.ArgumentParser:
 
 
 def sepce_names(args: argparse.Namespace) -> tuple[dict[str, Path], Path]:
-    """Increment file per concept and the run's checkpoint path."""
+    """Increment file per concept and the run's stem (checkpoint, report files)."""
     method = "sepce" if args.mode == "joint" else "sepce_seq"
     hyper = {"lr": args.lr, "beta": args.beta, "lam": args.lam, "tau": args.tau}
     output_dir = Path(args.output_dir)
     files = {c: output_dir / f"{output_name(method, slugify(c), hyper)}.safetensors" for c in args.concepts}
-    joined = "+".join(slugify(c) for c in args.concepts)
-    return files, output_dir / f"{output_name(method, joined, hyper)}{CHECKPOINT_SUFFIX}"
+    return files, output_dir / output_name(method, "+".join(slugify(c) for c in args.concepts), hyper)
 
 
 def run_sepce(fabric: Fabric, args: argparse.Namespace) -> dict[str, Any]:
     context = RunContext(fabric, args)
-    files, checkpoint = sepce_names(args)
-    context.prepare_outputs(list(files.values()), checkpoint)
-    model = context.model
+    files, stem = sepce_names(args)
+    report = uses_toy_model(args) and not args.no_report
+    context.prepare_outputs(
+        list(files.values()), stem.with_name(stem.name + CHECKPOINT_SUFFIX), report_paths(stem) if report else ()
+    )
+    model = context.load()
     bases = compute_bases(
         model, args.concepts, args.protect, rtol=args.rtol, min_dims=args.min_dims, sequential=args.mode == "sequential"
     )
@@ -229,16 +248,14 @@ def run_sepce(fabric: Fabric, args: argparse.Namespace) -> dict[str, Any]:
         context.say(f"Basis of {concept!r}: {basis.dims} dimensions, protects {len(basis.protected_prompts)} prompts.")
     latents = context.latents(args.concepts)
     trainer = sepce.SepCETrainer(
-        model, fabric, bases, latents, training_config(args, checkpoint), args.beta, args.lam,
-        sequential=args.mode == "sequential",
+        model, fabric, bases, latents, training_config(args, stem.with_name(stem.name + CHECKPOINT_SUFFIX)),
+        args.beta, args.lam, sequential=args.mode == "sequential",
     )
 
     def write() -> list[Path]:
         increments = trainer.increments()
         written = [save_increment(increments[c], files[c], overwrite=args.overwrite) for c in args.concepts]
-        if uses_toy_model(args) and not args.no_report:
-            written += toy_report(context, files[args.concepts[0]].with_suffix(""))
-        return written
+        return written + (toy_report(context, stem) if report else [])
 
     return context.finish(trainer, write)
 
@@ -259,22 +276,24 @@ def toy_report(context: RunContext, stem: Path) -> list[Path]:
         stem,
     )
     context.say(markdown_table(report))
-    return [Path(report["grid"]), Path(report["table"])]
+    return list(report_paths(stem))
 
 
 # ---------------------------------------------------------------------------------- CiE and ESD
 def cie_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="CiE: train every attn2 weight to erase one concept (METHOD.md §1).")
-    parser.add_argument("--prompt", required=True, help="the concept to erase")
+    parser.add_argument("--prompt", default=ARTISTS[0], help=f"the concept to erase (default: the toy artist {ARTISTS[0]!r})")
     parser.add_argument("--lam", type=float, default=cie.DEFAULT_LAMBDA, help="L1 weight lambda (1e-6 .. 3e-5)")
     add_stopping_arguments(parser)
     return add_training_arguments(parser, lr=cie.DEFAULT_LR, iterations=1000)
 
 
-def _weight_difference_run(
-    context: RunContext, trainer_factory: Callable[[Path], ConceptTrainer], output: Path, checkpoint: Path
-) -> dict[str, Any]:
-    trainer = trainer_factory(checkpoint)
+def _stem_paths(context: RunContext, stem: str) -> tuple[Path, Path]:
+    """The result file and the checkpoint of a one-file run."""
+    return context.output_dir / f"{stem}.safetensors", context.output_dir / f"{stem}{CHECKPOINT_SUFFIX}"
+
+
+def _finish_with_difference(context: RunContext, trainer: WeightTrainer, output: Path) -> dict[str, Any]:
     return context.finish(
         trainer, lambda: [save_weight_difference(trainer.difference(), output, overwrite=context.args.overwrite)]
     )
@@ -283,20 +302,17 @@ def _weight_difference_run(
 def run_cie(fabric: Fabric, args: argparse.Namespace) -> dict[str, Any]:
     context = RunContext(fabric, args)
     stem = output_name("cie", slugify(args.prompt), {"lr": args.lr, "lam": args.lam, "tau": args.tau})
-    output, checkpoint = context.output_dir / f"{stem}.safetensors", context.output_dir / f"{stem}{CHECKPOINT_SUFFIX}"
+    output, checkpoint = _stem_paths(context, stem)
     context.prepare_outputs([output], checkpoint)
+    model = context.load()
     latents = context.latents([args.prompt])[args.prompt]
-    return _weight_difference_run(
-        context,
-        lambda path: cie.CiETrainer(context.model, fabric, args.prompt, latents, training_config(args, path), args.lam),
-        output,
-        checkpoint,
-    )
+    trainer = cie.CiETrainer(model, fabric, args.prompt, latents, training_config(args, checkpoint), args.lam)
+    return _finish_with_difference(context, trainer, output)
 
 
 def esd_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="ESD baseline: ESD-x (attn2) or ESD-u (non-attn2) (METHOD.md §5).")
-    parser.add_argument("--prompt", required=True, help="the concept to erase")
+    parser.add_argument("--prompt", default=ARTISTS[0], help=f"the concept to erase (default: the toy artist {ARTISTS[0]!r})")
     parser.add_argument("--train_method", choices=tuple(esd.TRAINED_SETS), default="xattn",
                         help="xattn: ESD-x (attn2 weights); noxattn: ESD-u (every other UNet weight)")
     parser.add_argument("--ddim_steps", type=int, default=esd.DEFAULT_DDIM_STEPS, help="DDIM steps of the partial sample")
@@ -307,18 +323,11 @@ def esd_parser() -> argparse.ArgumentParser:
 
 def run_esd(fabric: Fabric, args: argparse.Namespace) -> dict[str, Any]:
     context = RunContext(fabric, args)
-    hyper = {
-        "lr": args.lr, "iter": args.iterations, "sg": args.start_guidance, "ng": args.negative_guidance,
-    }
-    stem = output_name(esd.METHOD_NAMES[args.train_method], slugify(args.prompt), hyper)
-    output, checkpoint = context.output_dir / f"{stem}.safetensors", context.output_dir / f"{stem}{CHECKPOINT_SUFFIX}"
+    hyper = {"lr": args.lr, "iter": args.iterations, "sg": args.start_guidance, "ng": args.negative_guidance}
+    output, checkpoint = _stem_paths(context, output_name(esd.METHOD_NAMES[args.train_method], slugify(args.prompt), hyper))
     context.prepare_outputs([output], checkpoint)
-
-    def build(path: Path) -> esd.ESDTrainer:
-        return esd.ESDTrainer(
-            context.model, fabric, args.prompt, training_config(args, path), args.train_method, args.ddim_steps,
-            args.start_guidance, args.negative_guidance,
-        )
-
-    return _weight_difference_run(context, build, output, checkpoint)
-
+    trainer = esd.ESDTrainer(
+        context.load(), fabric, args.prompt, training_config(args, checkpoint), args.train_method, args.ddim_steps,
+        args.start_guidance, args.negative_guidance,
+    )
+    return _finish_with_difference(context, trainer, output)

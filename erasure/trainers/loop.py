@@ -262,6 +262,8 @@ class ConceptTrainer(ABC):
                 for concept, stopper in self.stoppers.items()
             },
             "seconds": round(self.seconds, 2),
+            "processes": self.fabric.world_size,
+            "global_batch": self.config.batch_size,
         }
 
     def metadata(self) -> dict[str, Any]:

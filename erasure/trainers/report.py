@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from erasure.bases import normalise_prompt
 from erasure.sampling import sample_images, save_png, write_json
 from ldm.modules.incremental_linear import increments_disabled
 
@@ -30,6 +31,11 @@ def image_grid(rows: Sequence[torch.Tensor], padding: int = GRID_PADDING) -> tor
             left = padding + column * (width + padding)
             grid[:, top : top + height, left : left + width] = image.detach().float().cpu()
     return grid
+
+
+def report_paths(stem: Path) -> tuple[Path, Path]:
+    """The grid PNG and the accuracy JSON of a report named ``stem``."""
+    return stem.with_name(f"{stem.name}-grid.png"), stem.with_name(f"{stem.name}-accuracy.json")
 
 
 def accuracy(predicted: torch.Tensor, label: int) -> float:
@@ -53,6 +59,7 @@ def before_after_report(
     same seeds. Returns the accuracy table: per class, before and after, and which were erased.
     """
     seeds = [seed + index for index in range(samples_per_class)]
+    erased_names = {normalise_prompt(concept) for concept in erased}
     rows, table = [], {}
     unet = model.model.diffusion_model
     for label, (prompt, name) in enumerate(zip(class_prompts, class_names)):
@@ -62,13 +69,14 @@ def before_after_report(
         after = sample_images(model, prompts, seeds)
         rows.append(torch.cat([before, after]))
         table[name] = {
-            "erased": name in erased,
+            "erased": normalise_prompt(name) in erased_names,
             "accuracy_before": accuracy(classify(before), label),
             "accuracy_after": accuracy(classify(after), label),
         }
-    grid_path = save_png(image_grid(rows), stem.with_name(f"{stem.name}-grid.png"))
+    grid_path, table_path = report_paths(stem)
+    save_png(image_grid(rows), grid_path)
     report = {"samples_per_class": samples_per_class, "seeds": seeds, "classes": table, "grid": str(grid_path)}
-    report["table"] = str(write_json(report, stem.with_name(f"{stem.name}-accuracy.json")))
+    write_json(report, table_path)
     return report
 
 

@@ -105,20 +105,23 @@ def local_rows(global_batch: int, rank: int, world_size: int) -> slice:
     return slice(rank * size, (rank + 1) * size)
 
 
-def global_mean(fabric: Fabric, values: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """Mean over ranks of a float vector (a copy; one collective call)."""
-    tensor = torch.as_tensor(values, dtype=torch.float64).detach().clone().to(fabric.device)
-    if fabric.world_size == 1:
-        return tensor
-    return fabric.all_reduce(tensor, reduce_op="mean")
+def _vector(fabric: Fabric, values: Sequence[float | torch.Tensor]) -> torch.Tensor:
+    """Scalars (numbers or 0-d tensors on any device) as one detached float64 vector on Fabric's device."""
+    return torch.stack(
+        [torch.as_tensor(value).detach().to(device=fabric.device, dtype=torch.float64).reshape(()) for value in values]
+    )
 
 
-def global_sum(fabric: Fabric, values: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """Sum over ranks of a float vector (a copy; one collective call)."""
-    tensor = torch.as_tensor(values, dtype=torch.float64).detach().clone().to(fabric.device)
-    if fabric.world_size == 1:
-        return tensor
-    return fabric.all_reduce(tensor, reduce_op="sum")
+def global_mean(fabric: Fabric, values: Sequence[float | torch.Tensor]) -> torch.Tensor:
+    """Mean over ranks of a vector of scalars (one collective call)."""
+    vector = _vector(fabric, values)
+    return vector if fabric.world_size == 1 else fabric.all_reduce(vector, reduce_op="mean")
+
+
+def global_sum(fabric: Fabric, values: Sequence[float | torch.Tensor]) -> torch.Tensor:
+    """Sum over ranks of a vector of scalars (one collective call)."""
+    vector = _vector(fabric, values)
+    return vector if fabric.world_size == 1 else fabric.all_reduce(vector, reduce_op="sum")
 
 
 def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
