@@ -16,13 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from erasure.convert import ExportError, export_diffusers  # noqa: E402
-from erasure.files import ErasureFileError  # noqa: E402
-from erasure.increments import IncrementError, apply_any, load_any  # noqa: E402
-from erasure.loading import ModelLoadError, add_model_arguments, load_model_from_args  # noqa: E402
-from erasure.weight_differences import WeightDifferenceError  # noqa: E402
+from erasure.convert import ExportError, export_diffusers
+from erasure.files import ErasureFileError
+from erasure.increments import IncrementError, apply_any, load_any
+from erasure.loading import ModelLoadError, add_model_arguments, load_model_from_args
+from erasure.weight_differences import WeightDifferenceError
 
 #: Errors that explain bad input themselves: printed as one line, without a traceback.
 USER_ERRORS = (

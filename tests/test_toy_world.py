@@ -200,25 +200,23 @@ def _tiny_toy_config(path: Path, steps: int) -> Path:
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
-    config_path = _tiny_toy_config(tmp_path / "tiny.yaml", steps=4)
+    config_path = _tiny_toy_config(tmp_path / "tiny.yaml", steps=3)
     quiet = lambda line: None  # noqa: E731
     straight = ToyTrainer(config_path, tmp_path / "straight", tmp_path / "straight-out", log=quiet)
     assert straight.run()
     interrupted = ToyTrainer(config_path, tmp_path / "split", tmp_path / "split-out", log=quiet)
-    for _ in range(2):
-        interrupted.train_step()
-    interrupted._save_checkpoint()
+    assert not interrupted.run(stop_requested=lambda: interrupted.step >= 1)  # as after a SIGTERM
     resumed = ToyTrainer(config_path, tmp_path / "split", tmp_path / "split-out", log=quiet)
-    assert resumed.step == 2
+    assert resumed.step == 1
     assert resumed.run()
     a = straight.model.state_dict()
     b = resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     meta = json.loads((tmp_path / "split-out" / "model.json").read_text())
-    assert meta["steps"] == 4 and meta["null_space"]["width"] == 32
+    assert meta["steps"] == 3 and meta["null_space"]["width"] == 32
     assert (tmp_path / "split-out" / "text_encoder" / "config.json").is_file()
     assert not list((tmp_path / "split-out" / "text_encoder").glob("*.safetensors")), "no duplicate weights"
-    with pytest.raises(ValueError, match="--steps 4"):
+    with pytest.raises(ValueError, match="--steps 3"):
         ToyTrainer(config_path, tmp_path / "split", tmp_path / "x", steps=9, log=quiet)
 
 

@@ -16,12 +16,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from erasure.files import ErasureFileError, check_writable  # noqa: E402
-from erasure.increments import (  # noqa: E402
+from erasure.files import ErasureFileError, check_writable
+from erasure.increments import (
     ConceptIncrement,
     IncrementError,
     WeightDifferenceError,
@@ -30,7 +27,7 @@ from erasure.increments import (  # noqa: E402
     load_any,
     verify,
 )
-from erasure.loading import ModelLoadError, add_model_arguments, load_model_from_args  # noqa: E402
+from erasure.loading import ModelLoadError, add_model_arguments, load_model_from_args
 
 #: Errors that explain bad input themselves: printed as one line, without a traceback.
 USER_ERRORS = (ModelLoadError, ErasureFileError, IncrementError, WeightDifferenceError, FileNotFoundError)

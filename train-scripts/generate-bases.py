@@ -15,12 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from erasure.bases import DEFAULT_MIN_DIMS, DEFAULT_RTOL, compute_bases, save_basis  # noqa: E402
-from erasure.files import ErasureFileError, check_writable  # noqa: E402
-from erasure.increments import IncrementError, slugify  # noqa: E402
-from erasure.loading import ModelLoadError, add_model_arguments, load_model_from_args  # noqa: E402
+from erasure.bases import DEFAULT_MIN_DIMS, DEFAULT_RTOL, compute_bases, save_basis
+from erasure.files import ErasureFileError, check_writable
+from erasure.increments import IncrementError, slugify
+from erasure.loading import ModelLoadError, add_model_arguments, load_model_from_args
 
 #: Errors that explain bad input themselves: printed as one line, without a traceback.
 USER_ERRORS = (ModelLoadError, ErasureFileError, IncrementError, ValueError, TypeError, FileNotFoundError)

@@ -5,12 +5,7 @@ with no arguments it erases the first toy artist from the embedded toy model and
 writes the increment, a before/after grid and the toy oracle's accuracy table.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from erasure.trainers.cli import main, run_sepce, sepce_parser  # noqa: E402
+from erasure.trainers.cli import main, run_sepce, sepce_parser
 
 if __name__ == "__main__":
     main(run_sepce, sepce_parser())

@@ -5,16 +5,19 @@
 
 Seeded and config-driven (the `training:` section of the config). Every few minutes the run
 directory (runs/toy/) gets a checkpoint (model, EMA, optimizer, step); by default a new run
-continues from it, so a run killed by a session's end picks up where it stopped. The loss curve
-is runs/toy/loss.csv. When all steps are done, models/toy/ gets model.safetensors (EMA weights),
-text_encoder/ (config + tokenizer) and model.json, each written atomically.
+continues from it, so a run killed by a session's end picks up where it stopped; SIGTERM (a plain
+`kill PID`) writes a checkpoint before exiting. The loss curve is runs/toy/loss.csv. When all
+steps are done, models/toy/ gets model.safetensors (EMA weights), text_encoder/ (config +
+tokenizer) and model.json, each written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} threads", flush=True)
     trainer = ToyTrainer(args.config, args.run_dir, args.out_dir, steps=args.steps, resume=args.resume,
                          log=lambda line: print(line, flush=True))
-    finished = trainer.run(max_minutes=args.max_minutes)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())  # checkpoint, then exit
+    finished = trainer.run(max_minutes=args.max_minutes, stop_requested=stop.is_set)
     return 0 if finished else 3
 
 

@@ -318,8 +318,9 @@ class ToyTrainer:
         self.step += 1
         return loss.item()
 
-    def run(self, max_minutes: float | None = None) -> bool:
-        """Train until the configured steps or `max_minutes`; returns True when finished and shipped."""
+    def run(self, max_minutes: float | None = None, stop_requested: Callable[[], bool] = lambda: False) -> bool:
+        """Train until the configured steps, `max_minutes` or `stop_requested()` (checked every step, e.g.
+        set by a SIGTERM handler); returns True when finished and shipped, False after a checkpoint."""
         started = time.time()
         last_checkpoint = started
         csv_path = self.run_dir / LOSS_CSV
@@ -345,11 +346,13 @@ class ToyTrainer:
                              f"{per_step:.2f} s/step  eta {eta:.0f} min")
                     window, window_start = [], time.time()
                 out_of_time = max_minutes is not None and time.time() - started >= 60 * max_minutes
-                if time.time() - last_checkpoint >= 60 * self.cfg.checkpoint_minutes or out_of_time:
+                interrupted = out_of_time or stop_requested()
+                if time.time() - last_checkpoint >= 60 * self.cfg.checkpoint_minutes or interrupted:
                     self._save_checkpoint()
                     last_checkpoint = time.time()
-                if out_of_time and self.step < self.cfg.steps:
-                    self.log(f"stopped after {max_minutes} min at step {self.step}; run again to resume")
+                if interrupted and self.step < self.cfg.steps:
+                    reason = f"after {max_minutes} min" if out_of_time else "on request"
+                    self.log(f"stopped {reason} at step {self.step}; run again to resume")
                     return False
         self._save_checkpoint()
         self.ship()
