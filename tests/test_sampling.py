@@ -59,8 +59,8 @@ def test_settings_come_from_arguments_then_config_then_sd_defaults(tiny_model: n
     tiny_model.ldm_config = OmegaConf.create({"sampling": {"steps": 20, "guidance_scale": 4}})
     assert sampling_settings(tiny_model) == SamplingSettings("ddim", 20, 4.0, 0.0)
     assert sampling_settings(tiny_model, steps=5, eta=1.0) == SamplingSettings("ddim", 5, 4.0, 1.0)
-    with pytest.raises(ValueError, match="Unknown sampler 'lms'"):
-        sampling_settings(tiny_model, sampler="lms")
+    with pytest.raises(ValueError, match="Unknown sampler 'plms'"):
+        sampling_settings(tiny_model, sampler="plms")
     tiny_model.ldm_config = OmegaConf.create({"sampling": {"step": 20}})
     with pytest.raises(ValueError, match=r"unknown keys \['step'\]"):
         sampling_settings(tiny_model)

@@ -6,7 +6,7 @@ differ in several independent cues at once — mean tone, texture scale and the 
 stroked — because a first probe found that styles which differ in one cue only (stripe
 orientation) got confused and that generated images drift in tone.
 
-Everything is drawn at 4x supersampling and box-filtered down, so edges are anti-aliased and
+Everything is drawn at 2x supersampling and box-filtered down, so edges are anti-aliased and
 the image is a pure function of (scene, seed).
 """
 
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from scipy import ndimage
+
 from erasure.toy.world import CLASS_NAMES, COLOURS, OBJECTS, Scene
 
 IMAGE_SIZE = 32
@@ -56,7 +57,7 @@ def _shape_distance(obj: str, cx: float, cy: float, r: float) -> np.ndarray:
     """Signed distance-like field of an object (negative inside, output pixels).
 
     Polygons use the max of their edge distances, so grown outlines get mitred corners; that
-    is all the renderer needs (masks, strokes and halos), at a fraction of morphology's cost.
+    is all the renderer needs (masks, strokes, borders), at a fraction of morphology's cost.
     """
     dx, dy = _X - cx, _Y - cy
     if obj == "circle":

@@ -1,0 +1,343 @@
+"""What every benchmark shares: side-by-side timing, peak memory in a fresh process, the models
+the benchmarks run on, one training step of a trainer, and the output (a table, then one JSON line).
+
+Timing. These machines are shared and noisy, so no absolute time is a result: the variants of a
+benchmark run interleaved in one process (repeat r runs them in an order rotated by r, after one
+untimed warm-up each), and each variant is reported by its median and by the median over repeats
+of its time divided by the baseline's time in the same repeat.
+
+Peak memory. ``tracemalloc`` sees only Python's own allocator, not the memory behind torch
+tensors, so a CPU peak is the resident-set high-water mark (Linux ``VmHWM``) of a process that
+runs one variant alone, minus its resident set when the variant started. On CPU that process is
+forked from a parent that has imported the libraries but built nothing yet (no import cost, and
+no freed heap left over from other variants); on CUDA it is spawned (CUDA does not survive a
+fork) and the peak is ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric import Fabric
+from omegaconf import OmegaConf
+from torch import nn
+
+from erasure.bases import compute_bases
+from erasure.loading import load_model, resolve_device
+from erasure.sampling import latent_shape
+from erasure.toy.training import TextEncoderConfig, write_text_encoder_dir
+from erasure.toy.world import ARTISTS
+from erasure.trainers import cie, esd, sepce
+from erasure.trainers.loop import ConceptTrainer, TrainingConfig
+from erasure.trainers.runtime import step_generator
+from ldm.util import instantiate_from_config
+
+BENCH_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = BENCH_DIR / "configs"
+#: Models a benchmark can run on: the shipped toy model, or an SD-shaped config of bench/configs/.
+MODEL_NAMES = ("toy", "sd-mid", "sd-tiny")
+MIB = 2**20
+#: The concept every benchmark erases: the first toy artist (its words are in every bench tokenizer).
+CONCEPT = ARTISTS[0]
+#: Trainers by the name the benchmarks report them under, with METHOD.md's learning rates.
+METHOD_LR = {"sepce": sepce.DEFAULT_LR, "cie": cie.DEFAULT_LR, "esd_x": esd.DEFAULT_LR, "esd_u": esd.DEFAULT_LR}
+
+
+class BenchError(RuntimeError):
+    """A benchmark cannot run as asked; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------- arguments
+def add_common_arguments(parser: argparse.ArgumentParser, repeats: int) -> argparse.ArgumentParser:
+    parser.add_argument("--quick", action="store_true", help="tiny sizes that finish in seconds (a smoke test)")
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed repeats per variant (default: {repeats})")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
+    return parser
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads``, check ``--repeats`` and resolve ``--device`` (one clear error if absent)."""
+    if args.repeats < 1:
+        raise BenchError(f"--repeats must be >= 1, got {args.repeats}.")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BenchError(f"--threads must be >= 1, got {args.threads}.")
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
+
+
+def run_main(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
+    """Parse, run, and turn an input error into one message and exit status 2."""
+    args = parser.parse_args()
+    try:
+        main(args)
+    except (BenchError, ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
+# ---------------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    variants: Mapping[str, Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    prepare: Mapping[str, Callable[[], None]] | None = None,
+    number: Mapping[str, int] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of every variant, ``repeats`` values each, measured interleaved.
+
+    ``prepare[name]`` (untimed) runs before each timed call of ``name``, e.g. to put a shared
+    model into that variant's state. ``number[name]`` calls are timed together and averaged, for
+    variants too fast to time one call at a time. One untimed warm-up call per variant comes first.
+    """
+    names = list(variants)
+    prepare = prepare or {}
+    number = number or {}
+
+    def timed(name: str) -> float:
+        if name in prepare:
+            prepare[name]()
+        calls = number.get(name, 1)
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(calls):
+            variants[name]()
+        synchronize(device)
+        return (time.perf_counter() - started) / calls
+
+    for name in names:
+        timed(name)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timed(name))
+    return times
+
+
+def timing_summary(times: Mapping[str, Sequence[float]], baseline: str) -> dict[str, dict[str, float]]:
+    """Median and minimum seconds per variant and the median paired ratio to ``baseline``."""
+    summary = {}
+    for name, values in times.items():
+        ratios = [value / base for value, base in zip(values, times[baseline])]
+        summary[name] = {
+            "median_s": statistics.median(values),
+            "min_s": min(values),
+            "ratio": statistics.median(ratios),
+        }
+    return summary
+
+
+# ---------------------------------------------------------------------------------- memory
+def _resident_mib() -> tuple[float, float]:
+    """(current, high-water mark) resident set of this process, MiB, from /proc/self/status."""
+    fields = {}
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def _measure_child(
+    function: Callable[..., Any], args: tuple[Any, ...], device_name: str, queue: multiprocessing.Queue
+) -> None:
+    try:
+        device = torch.device(device_name)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            result = function(*args)
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) / MIB
+            queue.put(("ok", {"peak_mib": peak, "memory": "cuda allocated"}, result))
+            return
+        start, _ = _resident_mib()
+        result = function(*args)
+        _, peak = _resident_mib()
+        queue.put(("ok", {"peak_mib": peak - start, "memory": "resident set (VmHWM) above start"}, result))
+    except BaseException as error:  # reported to the parent, which raises it with the variant's name
+        queue.put(("error", f"{type(error).__name__}: {error}", None))
+
+
+def peak_memory(function: Callable[..., Any], args: tuple[Any, ...], device: torch.device) -> tuple[dict[str, Any], Any]:
+    """Run ``function(*args)`` alone in a fresh process; return its peak memory record and result.
+
+    ``function`` must be importable (module level) and its result picklable. CPU peaks need
+    Linux's /proc (call this before building any model in the parent, see the module docstring).
+    """
+    if device.type == "cpu" and not Path("/proc/self/status").is_file():
+        raise BenchError("CPU peak memory is read from Linux's /proc/self/status; run on Linux or pass --no_memory.")
+    context = multiprocessing.get_context("spawn" if device.type == "cuda" else "fork")
+    queue = context.Queue()
+    process = context.Process(target=_measure_child, args=(function, args, str(device), queue))
+    process.start()
+    status, record, result = queue.get()
+    process.join()
+    if status != "ok":
+        raise BenchError(f"{getattr(function, '__name__', function)}{args!r} failed in its measuring process: {record}")
+    return record, result
+
+
+# ---------------------------------------------------------------------------------- models
+def build_model(name: str, device: torch.device) -> nn.Module:
+    """A frozen LatentDiffusion in eval mode on ``device``.
+
+    ``toy``: the shipped toy model (models/toy/; the loader says how to rebuild it when missing).
+    ``sd-mid`` / ``sd-tiny``: bench/configs/<name>.yaml with random weights (seeded by the caller's
+    ``torch.manual_seed``); its text-encoder directory is written to a temporary folder.
+    """
+    if name == "toy":
+        return load_model(None, None, str(device), verbose=False)
+    if name not in MODEL_NAMES:
+        raise BenchError(f"Unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}.")
+    config = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
+    text = TextEncoderConfig(**OmegaConf.to_container(config.bench.text_encoder))
+    with tempfile.TemporaryDirectory(prefix="bench-clip-") as directory:
+        write_text_encoder_dir(directory, text, int(config.model.params.cond_stage_config.params.max_length))
+        config.model.params.cond_stage_config.params.version = directory
+        model = instantiate_from_config(config.model)
+    reset_zero_initialised(model)
+    model.ldm_config = config
+    return model.eval().requires_grad_(False).to(device)
+
+
+def reset_zero_initialised(model: nn.Module) -> None:
+    """Give the layers SD initialises to zero (UNet ``out``, ResBlock ``out_layers``, ``proj_out``)
+    torch's default initialisation. With them at zero a random model ignores its text, so the
+    concept and blank predictions coincide and the erasure losses are undefined."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear) and not module.weight.any():
+            module.reset_parameters()
+
+
+def make_fabric(device: torch.device) -> Fabric:
+    """A one-process Fabric on ``device`` (the trainers' runtime)."""
+    if device.type == "cuda":
+        fabric = Fabric(accelerator="cuda", devices=[device.index or 0])
+    else:
+        fabric = Fabric(accelerator="cpu", devices=1)
+    fabric.launch()
+    return fabric
+
+
+def random_latents(model: nn.Module, count: int, seed: int) -> torch.Tensor:
+    """``count`` standard-normal latents of the model's shape, on its device (stand-ins for the
+    encoded training images: a step's cost does not depend on what the images show)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((count, *latent_shape(model)), generator=generator).to(model.betas.device)
+
+
+def bench_config(lr: float, seed: int, iterations: int = 10**9, tau: float = -1e30) -> TrainingConfig:
+    """A ``TrainingConfig`` for stepping a trainer by hand: by default it never stops on its own."""
+    return TrainingConfig(lr=lr, iterations=iterations, tau=tau, seed=seed, save_every=0, progress=False)
+
+
+def make_trainer(
+    method: str,
+    model: nn.Module,
+    fabric: Fabric,
+    latents: torch.Tensor,
+    config: TrainingConfig,
+    ddim_steps: int = esd.DEFAULT_DDIM_STEPS,
+    lam: float = 0.0,
+) -> ConceptTrainer:
+    """The library's trainer of ``method`` (a ``METHOD_LR`` key) erasing ``CONCEPT`` from ``model``.
+
+    SepCE gets the basis protecting "" (``compute_bases``); SepCE and CiE train on ``latents``;
+    ``lam`` is the L1 weight of SepCE and CiE (0: the term's cost is the same for every variant).
+    """
+    if method == "sepce":
+        bases = compute_bases(model, [CONCEPT], min_dims=1)
+        return sepce.SepCETrainer(model, fabric, bases, {CONCEPT: latents}, config, lam=lam)
+    if method == "cie":
+        return cie.CiETrainer(model, fabric, CONCEPT, latents, config, lam=lam)
+    if method in ("esd_x", "esd_u"):
+        train_method = "xattn" if method == "esd_x" else "noxattn"
+        return esd.ESDTrainer(model, fabric, CONCEPT, config, train_method, ddim_steps)
+    raise BenchError(f"Unknown method {method!r}; choose one of {', '.join(METHOD_LR)}.")
+
+
+def train_step(trainer: ConceptTrainer, optimizer: torch.optim.Optimizer, step: int) -> float:
+    """One optimisation step of ``trainer``: the body of ``ConceptTrainer.fit`` for one process.
+
+    Uses the trainer's own draws (``step_generator``), loss and momentum stoppers; leaves out
+    what only matters across processes or runs (collectives, checkpoints, progress). Returns the loss.
+    """
+    concepts = trainer.training_concepts()
+    if not concepts:
+        raise BenchError(f"{trainer.method}: every concept has stopped; nothing left to train.")
+    optimizer.zero_grad(set_to_none=True)
+    result = trainer.step_loss(step_generator(trainer.config.seed, step), concepts)
+    trainer.fabric.backward(result.loss)
+    optimizer.step()
+    for concept in concepts:
+        if trainer.stoppers[concept].update(float(result.tracked[concept])):
+            trainer.on_stop(concept)
+    return float(result.loss.detach())
+
+
+def trainer_optimizer(trainer: ConceptTrainer) -> torch.optim.Optimizer:
+    """Adam over the trainer's trained tensors at its learning rate, as the training loop makes it."""
+    return torch.optim.Adam(list(trainer.trained_parameters().values()), lr=trainer.config.lr)
+
+
+# ---------------------------------------------------------------------------------- output
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_table(title: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """A Markdown table of ``rows`` (missing cells blank), under ``title``."""
+    print(f"\n{title}")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(_cell(row.get(column, "")) for column in columns) + " |")
+
+
+def print_json(bench: str, args: argparse.Namespace, device: torch.device, results: Mapping[str, Any]) -> None:
+    """The benchmark's last line: one JSON object with its name, settings, machine and results."""
+    record = {
+        "bench": bench,
+        "quick": bool(args.quick),
+        "settings": {key: value for key, value in vars(args).items() if key != "quick"},
+        "machine": machine_info(device),
+        **results,
+    }
+    print(json.dumps(record, default=str), flush=True)

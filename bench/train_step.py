@@ -1,0 +1,179 @@
+"""Benchmark 2 (issue 6): the time and peak memory of one training step, three ways.
+
+- ``sepce``: the library's SepCE step on ONE model copy. ``""`` is protected by the increment,
+  so eps(c; W0) and eps(""; W0) come from one no-grad batch-2 call with increments switched off
+  and eps(c; W0 + dW) from one call with grad: 3 UNet evaluations, 1 backward (METHOD.md §2).
+- ``sepce_two_copy``: the reference's way (METHOD.md §3): the frozen predictions come from a
+  second, deep-copied UNet, and the trained model predicts both c and ``""`` with grad (4
+  evaluations, the backward runs through both). Same basis, loss and optimiser otherwise.
+- ``esd_x``: the library's ESD-x step (METHOD.md §5): a guided partial DDIM run from noise
+  (0 .. ddim_steps-1 steps, drawn per step, no grad), then frozen (original attn2 weights
+  swapped in) and trained predictions; attn2 trained.
+
+Per model: seconds per step (interleaved repeats, ratio to ``sepce``) and peak memory of each
+variant alone in a fresh process (2 steps, so Adam's state exists), with the goal's ratio
+sepce / sepce_two_copy <= 0.6. Both SepCE variants use lambda = 0 (the L1 term costs the same).
+
+    python bench/train_step.py                      # toy model and the ~53 M SD-shaped UNet
+    python bench/train_step.py --quick              # tiny model, seconds (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from typing import Any
+
+import torch
+from lightning_fabric import Fabric
+from torch import nn
+
+from common import (
+    CONCEPT,
+    METHOD_LR,
+    MODEL_NAMES,
+    add_common_arguments,
+    bench_config,
+    build_model,
+    make_fabric,
+    make_trainer,
+    peak_memory,
+    print_json,
+    print_table,
+    random_latents,
+    run_main,
+    setup,
+    time_interleaved,
+    timing_summary,
+    train_step,
+    trainer_optimizer,
+)
+from erasure.bases import compute_bases
+from erasure.losses import concept_representation, direction_loss
+from erasure.trainers.loop import ConceptTrainer, StepLoss, TrainingConfig, predict_eps
+from erasure.trainers.sepce import SepCETrainer
+
+VARIANTS = ("sepce", "sepce_two_copy", "esd_x")
+MEMORY_STEPS = 2
+TRAINING_IMAGES = 8
+MEMORY_GOAL = 0.6
+
+
+class TwoCopySepCETrainer(SepCETrainer):
+    """SepCE as the reference computes it: a second, frozen copy of the UNet for eps(.; W0) and
+    trained predictions for both c and ``""`` (the increment's invariance on ``""`` unused)."""
+
+    method = "sepce_two_copy"
+
+    def __init__(self, model: nn.Module, fabric: Fabric, latents: torch.Tensor, config: TrainingConfig) -> None:
+        # Copy before the increments are attached; the first and cond stages are shared, not copied.
+        shared = {id(model.first_stage_model): model.first_stage_model, id(model.cond_stage_model): model.cond_stage_model}
+        self.frozen_model = copy.deepcopy(model, memo=shared).requires_grad_(False)
+        bases = compute_bases(model, [CONCEPT], min_dims=1)
+        super().__init__(model, fabric, bases, {CONCEPT: latents}, config, lam=0.0)
+
+    def step_loss(self, generator: torch.Generator, concepts: list[str]) -> StepLoss:
+        (concept,) = concepts
+        batch = self.draw_concept_batch(generator, self.latents[concept])
+        noisy = self.model.q_sample(batch.latents, batch.timesteps, batch.noise)
+        rows = noisy.shape[0]
+        inputs, timesteps = torch.cat([noisy, noisy]), torch.cat([batch.timesteps, batch.timesteps])
+        context = torch.cat([self.contexts(concept, rows), self.contexts("", rows)])
+        with torch.no_grad():
+            frozen = predict_eps(self.frozen_model, inputs, timesteps, context)
+        trained = predict_eps(self.model, inputs, timesteps, context)
+        direction = direction_loss(concept_representation(*trained.chunk(2)), concept_representation(*frozen.chunk(2)))
+        return StepLoss(direction, {concept: direction.detach()})
+
+
+def make_variant(variant: str, model_name: str, device: torch.device, seed: int, ddim_steps: int) -> ConceptTrainer:
+    """A fresh model (seeded) and the trainer of ``variant`` on it."""
+    torch.manual_seed(seed)
+    model = build_model(model_name, device)
+    fabric = make_fabric(device)
+    latents = random_latents(model, TRAINING_IMAGES, seed)
+    if variant == "sepce_two_copy":
+        return TwoCopySepCETrainer(model, fabric, latents, bench_config(METHOD_LR["sepce"], seed))
+    method = variant
+    return make_trainer(method, model, fabric, latents, bench_config(METHOD_LR[method], seed), ddim_steps)
+
+
+def run_variant_steps(variant: str, model_name: str, device_name: str, seed: int, ddim_steps: int) -> int:
+    """Build ``variant`` and run ``MEMORY_STEPS`` steps (the body of a peak-memory process)."""
+    trainer = make_variant(variant, model_name, torch.device(device_name), seed, ddim_steps)
+    optimizer = trainer_optimizer(trainer)
+    for step in range(MEMORY_STEPS):
+        train_step(trainer, optimizer, step)
+    return sum(parameter.numel() for parameter in trainer.trained_parameters().values())
+
+
+def bench_model(model_name: str, args: argparse.Namespace, device: torch.device, ddim_steps: int) -> dict[str, Any]:
+    memory, trained = {}, {}
+    if not args.no_memory:
+        for variant in VARIANTS:
+            memory[variant], trained[variant] = peak_memory(
+                run_variant_steps, (variant, model_name, str(device), args.seed, ddim_steps), device
+            )
+    trainers = {variant: make_variant(variant, model_name, device, args.seed, ddim_steps) for variant in VARIANTS}
+    optimizers = {variant: trainer_optimizer(trainer) for variant, trainer in trainers.items()}
+    steps = dict.fromkeys(VARIANTS, 0)
+
+    def stepper(variant: str):
+        def step() -> None:
+            train_step(trainers[variant], optimizers[variant], steps[variant])
+            steps[variant] += 1
+
+        return step
+
+    times = time_interleaved({variant: stepper(variant) for variant in VARIANTS}, args.repeats, device)
+    summary = timing_summary(times, baseline="sepce")
+    parameters = sum(p.numel() for p in trainers["sepce"].model.model.diffusion_model.parameters())
+    rows = []
+    for variant in VARIANTS:
+        row: dict[str, Any] = {
+            "model": model_name,
+            "variant": variant,
+            "median_s": summary[variant]["median_s"],
+            "time_ratio_to_sepce": summary[variant]["ratio"],
+            "trained_parameters": sum(p.numel() for p in trainers[variant].trained_parameters().values()),
+        }
+        if memory:
+            row["peak_mib"] = memory[variant]["peak_mib"]
+            row["memory_ratio_to_two_copy"] = memory[variant]["peak_mib"] / memory["sepce_two_copy"]["peak_mib"]
+        rows.append(row)
+    result: dict[str, Any] = {"unet_parameters": parameters, "rows": rows, "times_s": times}
+    if memory:
+        ratio = memory["sepce"]["peak_mib"] / memory["sepce_two_copy"]["peak_mib"]
+        result["memory"] = memory
+        result["goal_one_copy_memory_ratio"] = {"value": ratio, "goal": MEMORY_GOAL, "met": ratio <= MEMORY_GOAL}
+    return result
+
+
+def main(args: argparse.Namespace) -> None:
+    device = setup(args)
+    models = args.models or (["sd-tiny"] if args.quick else ["toy", "sd-mid"])
+    ddim_steps = args.ddim_steps or (4 if args.quick else 50)
+    results = {name: bench_model(name, args, device, ddim_steps) for name in models}
+    rows = [row for result in results.values() for row in result["rows"]]
+    columns = ["model", "variant", "median_s", "time_ratio_to_sepce", "trained_parameters"]
+    if not args.no_memory:
+        columns += ["peak_mib", "memory_ratio_to_two_copy"]
+    print_table(
+        f"One training step, batch 1, ESD partial sampling up to {ddim_steps} DDIM steps, {args.repeats} repeats",
+        rows,
+        columns,
+    )
+    print_json("train_step", args, device, {"ddim_steps": ddim_steps, "models": results})
+
+
+def parser() -> argparse.ArgumentParser:
+    result = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    result.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=None,
+                        help="models to run on (default: toy sd-mid; --quick: sd-tiny)")
+    result.add_argument("--ddim_steps", type=int, default=None, help="ESD's DDIM schedule (default: 50; --quick: 4)")
+    result.add_argument("--no_memory", action="store_true", help="skip the peak-memory processes")
+    return add_common_arguments(result, repeats=10)
+
+
+if __name__ == "__main__":
+    run_main(main, parser())

@@ -1,0 +1,92 @@
+"""How well a toy-world model draws what it is asked: the oracle's accuracy on its samples.
+
+Two measurements (issue 3's quality bar, and the yardstick of every erasure on the toy model):
+- per class (blank + 9 artists), N samples of the bare class prompt ("" or the artist's name):
+  the fraction the artist oracle assigns to that class;
+- N samples of `a {colour} {object} by {artist}` prompts, cycling through all combinations in a
+  fixed order: the fractions whose object and colour the oracles recognise.
+Seeds are `seed + offset + i` with disjoint offsets per class, so the same call on two models
+compares the same noise.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from erasure.sampling import sample_images
+from erasure.toy.oracle import ToyOracle
+from erasure.toy.world import ARTISTS, CLASS_NAMES, COLOURS, OBJECTS, class_prompt
+
+#: Seeds of class c start at seed + c * SEED_STRIDE; the attribute prompts use the next block.
+SEED_STRIDE = 100_000
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    artist: dict[str, float]
+    object: float
+    colour: float
+    attribute_artist: float
+
+    def as_json(self) -> dict[str, object]:
+        return {"artist": self.artist, "object": self.object, "colour": self.colour}
+
+
+def attribute_prompts(count: int) -> tuple[list[str], list[int], list[int], list[int]]:
+    """`count` prompts `a {colour} {object} by {artist}` and their artist class, object, colour."""
+    combos = list(itertools.product(range(len(ARTISTS)), range(len(COLOURS)), range(len(OBJECTS))))
+    prompts, artists, objects, colours = [], [], [], []
+    for index in range(count):
+        artist, colour, obj = combos[(index * 7) % len(combos)]
+        prompts.append(f"a {COLOURS[colour]} {OBJECTS[obj]} by {ARTISTS[artist]}")
+        artists.append(artist + 1)
+        objects.append(obj)
+        colours.append(colour)
+    return prompts, artists, objects, colours
+
+
+def measure_quality(
+    model: nn.Module,
+    oracle: ToyOracle,
+    num_samples: int,
+    seed: int,
+    batch_size: int = 50,
+    progress: Callable[[str], None] = lambda message: None,
+) -> QualityReport:
+    """Sample with the model's default sampling settings and score the samples with the oracle."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+    def predict(prompts: list[str], first_seed: int) -> dict[str, torch.Tensor]:
+        seeds = [first_seed + i for i in range(len(prompts))]
+        images = sample_images(model, prompts, seeds, batch_size=batch_size)
+        return {task: labels.cpu() for task, labels in oracle.predict(images.to(next(oracle.parameters()).device) * 2 - 1).items()}
+
+    artist_accuracy = {}
+    for class_id, name in enumerate(CLASS_NAMES):
+        predicted = predict([class_prompt(class_id)] * num_samples, seed + class_id * SEED_STRIDE)["artist"]
+        artist_accuracy[name] = float((predicted == class_id).float().mean())
+        progress(f"{name or 'blank'}: {artist_accuracy[name]:.2f}")
+    prompts, artists, objects, colours = attribute_prompts(num_samples)
+    predicted = predict(prompts, seed + len(CLASS_NAMES) * SEED_STRIDE)
+    return QualityReport(
+        artist=artist_accuracy,
+        object=float((predicted["object"] == torch.tensor(objects)).float().mean()),
+        colour=float((predicted["colour"] == torch.tensor(colours)).float().mean()),
+        attribute_artist=float((predicted["artist"] == torch.tensor(artists)).float().mean()),
+    )
+
+
+def markdown_table(report: QualityReport, num_samples: int) -> str:
+    """Per-class table of a QualityReport, as in the README."""
+    lines = [f"| class | prompt | artist accuracy (N={num_samples}) |", "|---|---|---|"]
+    for class_id, name in enumerate(CLASS_NAMES):
+        lines.append(f"| {class_id} {name} | `{class_prompt(class_id)!r}` | {report.artist[name]:.2f} |")
+    lines.append(f"| - | `a {{colour}} {{object}} by {{artist}}` | object {report.object:.2f}, colour {report.colour:.2f}, "
+                 f"artist {report.attribute_artist:.2f} |")
+    return "\n".join(lines)

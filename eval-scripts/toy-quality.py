@@ -1,0 +1,72 @@
+"""Measure a toy-world model with the toy oracle: per-class artist accuracy, object and colour.
+
+    python eval-scripts/toy-quality.py --num_samples 100 --seed 1000000
+    python eval-scripts/toy-quality.py --apply outputs/sepce-*.safetensors   # an erased model
+
+Samples N images of every class prompt ("" = blank, then the 9 artist names) and N images of
+`a {colour} {object} by {artist}` prompts with the model's default sampler (configs/toy's
+`sampling:` section), classifies them with models/toy/oracle.safetensors and prints a table;
+the last line is one JSON object {"artist": {class: accuracy}, "object": acc, "colour": acc}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from erasure.files import ErasureFileError
+from erasure.increments import IncrementError, apply_any, load_any
+from erasure.loading import ModelLoadError, add_model_arguments, load_model_from_args
+from erasure.sampling import sample_images, save_png
+from erasure.toy.oracle import load_oracle
+from erasure.toy.quality import markdown_table, measure_quality
+from erasure.toy.world import CLASS_NAMES, class_prompt
+from erasure.trainers.report import image_grid
+from erasure.weight_differences import WeightDifferenceError
+
+USER_ERRORS = (ModelLoadError, IncrementError, ErasureFileError, WeightDifferenceError, FileNotFoundError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--num_samples", type=int, default=100, help="samples per class and attribute prompts (default 100)")
+    parser.add_argument("--seed", type=int, default=1_000_000, help="first sampling seed; held out from training (default 1000000)")
+    parser.add_argument("--apply", nargs="+", default=[], metavar="FILE", help="increments / weight differences to apply first")
+    parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--grid", type=Path, help="also write a PNG grid, one row of samples per class")
+    parser.add_argument("--grid_columns", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.num_samples < 1 or args.batch_size < 1 or args.grid_columns < 1:
+        parser.error("--num_samples, --batch_size and --grid_columns must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    args = parse_args(argv)
+    started = time.time()
+    model = load_model_from_args(args)
+    if args.apply:
+        apply_any(model, [load_any(path) for path in args.apply])
+    oracle = load_oracle()
+    report = measure_quality(model, oracle, args.num_samples, args.seed, args.batch_size,
+                             progress=lambda message: print(message, flush=True))
+    print(markdown_table(report, args.num_samples))
+    if args.grid:
+        seeds = [args.seed + i for i in range(args.grid_columns)]
+        rows = [sample_images(model, [class_prompt(c)] * args.grid_columns, seeds) for c in range(len(CLASS_NAMES))]
+        print(f"grid: {save_png(image_grid(rows), args.grid)}")
+    print(f"{args.num_samples} samples per class, {time.time() - started:.1f} s")
+    result = report.as_json()
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")

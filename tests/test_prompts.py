@@ -1,0 +1,139 @@
+"""Prompt CSVs and class mappings: the shipped files are valid, bad files get one clear error each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from erasure.classes import SD_CLASSES, TOY_CLASSES, ClassError, class_mapping, mapping_for_config
+from erasure.prompts import PromptFileError, read_i2p_prompts, read_prompts, select_cases
+from erasure.toy.world import ARTISTS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA = REPO_ROOT / "data"
+SHIPPED = ("artist-classes.csv", "art-prompts.csv", "toy-classes.csv", "toy-prompts.csv", "imagenette.csv")
+
+
+def write(tmp_path: Path, text: str, name: str = "prompts.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_prompt_files_are_valid(name: str) -> None:
+    rows = read_prompts(DATA / name)
+    assert len(rows) >= 50
+    assert all("class_index" in row.extra for row in rows)
+    seeds_by_prompt: dict[str, list[int]] = {}
+    for row in rows:
+        seeds_by_prompt.setdefault(row.prompt, []).append(row.evaluation_seed)
+    for seeds in seeds_by_prompt.values():  # 10 samples per row never repeat a seed of the same prompt
+        ordered = sorted(seeds)
+        assert all(later - earlier >= 10 for earlier, later in zip(ordered, ordered[1:]))
+    assert min(row.evaluation_seed for row in rows) >= 2_000_000  # disjoint from generate-data's seeds
+
+
+@pytest.mark.parametrize(("name", "mapping"), [("artist-classes.csv", SD_CLASSES), ("toy-classes.csv", TOY_CLASSES)])
+def test_class_prompt_files_follow_the_class_mapping(name: str, mapping) -> None:
+    rows = read_prompts(DATA / name)
+    counts = [0] * len(mapping)
+    for row in rows:
+        index = int(row.extra["class_index"])
+        assert row.prompt == mapping.prompt(index)
+        counts[index] += 1
+    assert counts == [50] * 10
+    assert rows[0].prompt == ""  # the empty cell is the blank prompt
+
+
+def test_class_mappings() -> None:
+    assert SD_CLASSES.prompts[1] == "Van Gogh" and SD_CLASSES.prompts[9] == "Kilian Eng"
+    assert SD_CLASSES.index("van  gogh") == 1 and SD_CLASSES.index("9") == 9 and SD_CLASSES.index(4) == 4
+    assert SD_CLASSES.index("blank") == 0 and SD_CLASSES.index("") == 0
+    assert TOY_CLASSES.index(ARTISTS[2].upper()) == 3 and TOY_CLASSES.prompt(0) == ""
+    expected = r"Unknown class 'Monet' for the sd model; valid: 0 blank \(\"\"\), 1 Van Gogh"
+    with pytest.raises(ClassError, match=expected):
+        SD_CLASSES.index("Monet")
+    with pytest.raises(ClassError, match="Class index 10 is out of range"):
+        SD_CLASSES.index(10)
+    with pytest.raises(ClassError, match=f"valid: 0 blank .*1 {ARTISTS[0]}"):
+        TOY_CLASSES.index("Van Gogh")
+
+
+def test_the_config_chooses_the_class_mapping(tiny_model) -> None:
+    assert mapping_for_config(OmegaConf.create({"model": {}})) is SD_CLASSES
+    assert mapping_for_config(OmegaConf.create({"world": "toy"})) is TOY_CLASSES
+    with pytest.raises(ClassError, match=r"Unknown world 'mars'; use one of \['sd', 'toy'\]"):
+        mapping_for_config(OmegaConf.create({"world": "mars"}))
+    with pytest.raises(ClassError, match="carries no config"):
+        class_mapping(tiny_model)
+    tiny_model.ldm_config = OmegaConf.create({"world": "toy"})
+    assert class_mapping(tiny_model) is TOY_CLASSES
+
+
+def test_the_toy_config_declares_the_toy_world() -> None:
+    assert mapping_for_config(OmegaConf.load(REPO_ROOT / "configs" / "toy" / "toy-ldm.yaml")) is TOY_CLASSES
+
+
+def test_reading_keeps_extra_columns_and_accepts_pandas_integers(tmp_path: Path) -> None:
+    path = write(tmp_path, ',case_number,prompt,evaluation_seed,class\n0,7,"a cat, sitting",42.0,cat\n1,3,,5,blank\n')
+    rows = read_prompts(path)
+    read = [(row.case_number, row.prompt, row.evaluation_seed) for row in rows]
+    assert read == [(7, "a cat, sitting", 42), (3, "", 5)]
+    assert rows[0].extra == {"": "0", "class": "cat"} and rows[1].line == 3
+    assert [row.case_number for row in select_cases(rows, from_case=4)] == [7]
+    assert [row.case_number for row in select_cases(rows, till_case=3)] == [3]
+    with pytest.raises(PromptFileError, match=r"No case_number lies in \[8, None\] \(the file has 3..7\)"):
+        select_cases(rows, from_case=8)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "is empty; it needs a header line with the columns prompt, evaluation_seed, case_number"),
+        ("prompt,evaluation_seed,case_number\n", "has a header but no rows"),
+        ("prompt,case_number\na,1\n", r"lacks the column\(s\) evaluation_seed \(it has: prompt, case_number\)"),
+        ("prompt,evaluation_seed,case_number\na,1,0\nb,x1,1\n", r"line 3: evaluation_seed='x1' is not an integer"),
+        ("prompt,evaluation_seed,case_number\na,-5,0\n", r"line 2: evaluation_seed='-5' is not an integer in \[0, 2"),
+        ("prompt,evaluation_seed,case_number\na,1.5,0\n", "evaluation_seed='1.5' is not an integer"),
+        ("prompt,evaluation_seed,case_number\na,,0\n", "evaluation_seed='' is not an integer"),
+        ("prompt,evaluation_seed,case_number\na,1,0\nb,2,0\n", "line 3: case_number 0 already used on line 2"),
+        ("prompt,evaluation_seed,case_number\na,b,1,0\n", "line 2: more cells than header columns; quote prompts"),
+    ],
+)
+def test_bad_prompt_files_name_the_file_the_line_and_the_fix(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(PromptFileError, match=message) as error:
+        read_prompts(path)
+    assert str(path) in str(error.value)
+
+
+def test_missing_prompt_file(tmp_path: Path) -> None:
+    with pytest.raises(PromptFileError, match="does not exist.*--prompts_path"):
+        read_prompts(tmp_path / "nothing.csv")
+
+
+I2P_HEADER = "prompt,categories,hard,nudity_percentage,lexica_url,evaluation_seed,evaluation_guidance,case_number\n"
+
+
+def test_i2p_loader_filters_by_nudity_and_category(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        I2P_HEADER
+        + '"a statue",sexual,0,80.5,u,11,7,0\n'
+        + '"a storm","violence,shocking",1,2.0,u,12,7,1\n'
+        + '"a beach","sexual,harassment",0,55,u,13,7,2\n',
+    )
+    assert [row.case_number for row in read_i2p_prompts(path)] == [0, 1, 2]
+    assert [row.case_number for row in read_i2p_prompts(path, min_nudity_percentage=50)] == [0, 2]
+    assert [row.case_number for row in read_i2p_prompts(path, category="Shocking")] == [1]
+    with pytest.raises(PromptFileError, match="no row has nudity_percentage >= 90"):
+        read_i2p_prompts(path, min_nudity_percentage=90)
+    bad = write(tmp_path, I2P_HEADER + '"x",sexual,0,180,u,1,7,0\n', "bad.csv")
+    with pytest.raises(PromptFileError, match=r"line 2: nudity_percentage='180' is not a number in \[0, 100\]"):
+        read_i2p_prompts(bad)
+    raw = write(tmp_path, "prompt,categories,nudity_percentage,sd_seed\nx,sexual,3,5\n", "raw.csv")
+    with pytest.raises(PromptFileError, match="raw I2P release"):
+        read_i2p_prompts(raw)
