@@ -6,21 +6,27 @@ benchmark run interleaved in one process (repeat r runs them in an order rotated
 untimed warm-up each), and each variant is reported by its median and by the median over repeats
 of its time divided by the baseline's time in the same repeat.
 
-Peak memory. ``tracemalloc`` sees only Python's own allocator, not the memory behind torch
-tensors, so a CPU peak is the resident-set high-water mark (Linux ``VmHWM``) of a process that
-runs one variant alone, minus its resident set when the variant started. On CPU that process is
-forked from a parent that has imported the libraries but built nothing yet (no import cost, and
-no freed heap left over from other variants); on CUDA it is spawned (CUDA does not survive a
-fork) and the peak is ``torch.cuda.max_memory_allocated``.
+Peak memory. Each variant runs alone in its own process, twice: the first run pages in library
+code and lazily initialised kernels (about 100 MiB on CPU, the same for every variant, which
+would dilute every ratio); then everything is freed and handed back to the OS (``malloc_trim``)
+and the second run is measured. ``tracemalloc`` sees only Python's allocator, not the memory
+behind torch tensors, so the CPU peak is the resident-set high-water mark (Linux ``VmHWM``,
+reset through /proc/self/clear_refs) above the resident set when the measured run starts. On
+CUDA it is ``torch.cuda.max_memory_allocated`` of the measured run. CPU processes are forked
+from a parent that has built nothing yet; CUDA ones are spawned (CUDA does not survive a fork).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import gc
 import json
 import multiprocessing
 import os
 import platform
+import queue
 import statistics
 import sys
 import tempfile
@@ -35,7 +41,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from erasure.bases import compute_bases
-from erasure.loading import load_model, resolve_device
+from erasure.loading import TOY_CKPT, TOY_REBUILD_COMMAND, load_model, resolve_device
 from erasure.sampling import latent_shape
 from erasure.toy.training import TextEncoderConfig, write_text_encoder_dir
 from erasure.toy.world import ARTISTS
@@ -60,9 +66,11 @@ class BenchError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------- arguments
-def add_common_arguments(parser: argparse.ArgumentParser, repeats: int) -> argparse.ArgumentParser:
+def add_common_arguments(parser: argparse.ArgumentParser, repeats: int | None) -> argparse.ArgumentParser:
+    """``--quick --device --threads --seed`` and, unless ``repeats`` is None, ``--repeats``."""
     parser.add_argument("--quick", action="store_true", help="tiny sizes that finish in seconds (a smoke test)")
-    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed repeats per variant (default: {repeats})")
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats, help=f"timed repeats per variant (default: {repeats})")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
@@ -71,7 +79,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, repeats: int) -> argpa
 
 def setup(args: argparse.Namespace) -> torch.device:
     """Apply ``--threads``, check ``--repeats`` and resolve ``--device`` (one clear error if absent)."""
-    if args.repeats < 1:
+    if getattr(args, "repeats", 1) < 1:
         raise BenchError(f"--repeats must be >= 1, got {args.repeats}.")
     if args.threads is not None:
         if args.threads < 1:
@@ -146,7 +154,7 @@ def timing_summary(times: Mapping[str, Sequence[float]], baseline: str) -> dict[
     return summary
 
 
-# ---------------------------------------------------------------------------------- memory
+# ---------------------------------------------------------------------------------- processes and memory
 def _resident_mib() -> tuple[float, float]:
     """(current, high-water mark) resident set of this process, MiB, from /proc/self/status."""
     fields = {}
@@ -158,46 +166,91 @@ def _resident_mib() -> tuple[float, float]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
-def _measure_child(
-    function: Callable[..., Any], args: tuple[Any, ...], device_name: str, queue: multiprocessing.Queue
-) -> None:
-    try:
-        device = torch.device(device_name)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            result = function(*args)
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device) / MIB
-            queue.put(("ok", {"peak_mib": peak, "memory": "cuda allocated"}, result))
-            return
-        start, _ = _resident_mib()
+def _free_memory_and_reset_peak(device: torch.device) -> None:
+    """Collect garbage, hand freed heap back to the OS and restart the peak counter."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+        clear_refs.write("5")  # Linux >= 4.0: reset VmHWM to the current resident set
+
+
+def _measured_run(function: Callable[..., Any], args: tuple[Any, ...], device_name: str) -> tuple[dict[str, Any], Any]:
+    """Warm-up run, free everything, then the measured run: (peak record, its result)."""
+    device = torch.device(device_name)
+    function(*args)
+    _free_memory_and_reset_peak(device)
+    if device.type == "cuda":
         result = function(*args)
-        _, peak = _resident_mib()
-        queue.put(("ok", {"peak_mib": peak - start, "memory": "resident set (VmHWM) above start"}, result))
-    except BaseException as error:  # reported to the parent, which raises it with the variant's name
-        queue.put(("error", f"{type(error).__name__}: {error}", None))
+        torch.cuda.synchronize(device)
+        return {"peak_mib": torch.cuda.max_memory_allocated(device) / MIB, "memory": "cuda max_memory_allocated"}, result
+    start, _ = _resident_mib()
+    result = function(*args)
+    _, peak = _resident_mib()
+    return {"peak_mib": peak - start, "memory": "resident set (VmHWM) above start"}, result
+
+
+def _child(function: Callable[..., Any], args: tuple[Any, ...], results: multiprocessing.Queue) -> None:
+    try:
+        results.put(("ok", function(*args)))
+    except BaseException as error:  # reported to the parent, which raises it with the function's name
+        results.put(("error", f"{type(error).__name__}: {error}"))
+
+
+def run_in_process(
+    function: Callable[..., Any], args: tuple[Any, ...], device: torch.device, timeout: float | None = None
+) -> Any:
+    """``function(*args)`` in a fresh process (forked on CPU, spawned with CUDA); its result.
+
+    ``function`` must be importable (module level) and its result picklable. After ``timeout``
+    seconds the process is killed and ``TimeoutError`` raised.
+    """
+    context = multiprocessing.get_context("spawn" if device.type == "cuda" else "fork")
+    results = context.Queue()
+    process = context.Process(target=_child, args=(function, args, results), daemon=True)
+    process.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    name = f"{getattr(function, '__name__', function)}{args!r}"
+    while True:
+        try:
+            status, payload = results.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not process.is_alive():
+                raise BenchError(f"{name} died in its process (exit code {process.exitcode}); out of memory?") from None
+            if deadline is not None and time.monotonic() > deadline:
+                process.kill()
+                process.join()
+                raise TimeoutError(f"{name} did not finish within {timeout:g} s") from None
+    process.join()
+    if status != "ok":
+        raise BenchError(f"{name} failed in its process: {payload}")
+    return payload
 
 
 def peak_memory(function: Callable[..., Any], args: tuple[Any, ...], device: torch.device) -> tuple[dict[str, Any], Any]:
-    """Run ``function(*args)`` alone in a fresh process; return its peak memory record and result.
-
-    ``function`` must be importable (module level) and its result picklable. CPU peaks need
-    Linux's /proc (call this before building any model in the parent, see the module docstring).
-    """
-    if device.type == "cpu" and not Path("/proc/self/status").is_file():
-        raise BenchError("CPU peak memory is read from Linux's /proc/self/status; run on Linux or pass --no_memory.")
-    context = multiprocessing.get_context("spawn" if device.type == "cuda" else "fork")
-    queue = context.Queue()
-    process = context.Process(target=_measure_child, args=(function, args, str(device), queue))
-    process.start()
-    status, record, result = queue.get()
-    process.join()
-    if status != "ok":
-        raise BenchError(f"{getattr(function, '__name__', function)}{args!r} failed in its measuring process: {record}")
-    return record, result
+    """Peak memory of ``function(*args)`` run alone in a fresh process (module docstring): the
+    record {"peak_mib", "memory"} and the function's result. Call it before building any model."""
+    if device.type == "cpu" and not (Path("/proc/self/clear_refs").exists() and ctypes.util.find_library("c")):
+        raise BenchError("CPU peak memory needs Linux (/proc/self/clear_refs) and its C library; pass --no_memory.")
+    return run_in_process(_measured_run, (function, args, str(device)), device)
 
 
 # ---------------------------------------------------------------------------------- models
+def require_models(names: Sequence[str]) -> None:
+    """Fail before any work when a named model cannot be built (the toy model is not trained yet)."""
+    unknown = [name for name in names if name not in MODEL_NAMES]
+    if unknown:
+        raise BenchError(f"Unknown model(s) {unknown}; choose from {', '.join(MODEL_NAMES)}.")
+    if "toy" in names and not TOY_CKPT.is_file():
+        raise BenchError(
+            f"The toy model {TOY_CKPT} does not exist yet; train it first with `{TOY_REBUILD_COMMAND}`."
+        )
+
+
 def build_model(name: str, device: torch.device) -> nn.Module:
     """A frozen LatentDiffusion in eval mode on ``device``.
 
@@ -205,10 +258,9 @@ def build_model(name: str, device: torch.device) -> nn.Module:
     ``sd-mid`` / ``sd-tiny``: bench/configs/<name>.yaml with random weights (seeded by the caller's
     ``torch.manual_seed``); its text-encoder directory is written to a temporary folder.
     """
+    require_models([name])
     if name == "toy":
         return load_model(None, None, str(device), verbose=False)
-    if name not in MODEL_NAMES:
-        raise BenchError(f"Unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}.")
     config = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
     text = TextEncoderConfig(**OmegaConf.to_container(config.bench.text_encoder))
     with tempfile.TemporaryDirectory(prefix="bench-clip-") as directory:

@@ -41,6 +41,7 @@ from common import (
     print_json,
     print_table,
     random_latents,
+    require_models,
     run_main,
     setup,
     time_interleaved,
@@ -152,6 +153,7 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
 def main(args: argparse.Namespace) -> None:
     device = setup(args)
     models = args.models or (["sd-tiny"] if args.quick else ["toy", "sd-mid"])
+    require_models(models)
     ddim_steps = args.ddim_steps or (4 if args.quick else 50)
     results = {name: bench_model(name, args, device, ddim_steps) for name in models}
     rows = [row for result in results.values() for row in result["rows"]]
