@@ -35,7 +35,7 @@ import scipy.linalg
 import sympy
 import torch
 
-from common import add_common_arguments, print_json, print_table, run_in_process, run_main, setup
+from common import add_common_arguments, bench_parser, print_json, print_table, run_in_process, run_main, setup, sized
 from erasure.bases import DEFAULT_RTOL, null_space
 
 SPEEDUP_GOAL = 1000.0
@@ -81,28 +81,32 @@ def residual(matrix: np.ndarray, basis: np.ndarray) -> float:
     return float(np.abs(matrix @ unit).max() / np.abs(matrix).max())
 
 
+def time_svd(matrix: torch.Tensor, number: int) -> tuple[float, torch.Tensor, int]:
+    """Mean seconds of ``number`` calls of ``null_space``, its basis [dims, d] and the rank."""
+    started = time.perf_counter()
+    for _ in range(number):
+        basis, rank, _ = null_space(matrix, DEFAULT_RTOL)
+    return (time.perf_counter() - started) / number, basis, rank
+
+
 def bench_size(prompts: int, arithmetic: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     matrix = clip_like_matrix(prompts, args.tokens, args.width, args.seed + prompts)
     rows = matrix.tolist()
     svd_times, sympy_times = [], []
-    sympy_basis = None
-    ours = None
     finished = True
     for repeat in range(args.repeats):
-        order = ("svd", "sympy") if repeat % 2 == 0 else ("sympy", "svd")
-        for method in order:
+        for method in ("svd", "sympy") if repeat % 2 == 0 else ("sympy", "svd"):
             if method == "svd":
-                started = time.perf_counter()
-                for _ in range(args.svd_number):
-                    ours, rank, _ = null_space(matrix, DEFAULT_RTOL)
-                svd_times.append((time.perf_counter() - started) / args.svd_number)
+                seconds, ours, rank = time_svd(matrix, args.svd_number)
+                svd_times.append(seconds)
             elif finished:
                 try:
-                    seconds, sympy_basis = run_in_process(sympy_null_space, (rows, arithmetic), device, args.sympy_timeout)
+                    seconds, sympy_basis = run_in_process(
+                        sympy_null_space, (rows, arithmetic), device, args.sympy_timeout
+                    )
+                    sympy_times.append(seconds)
                 except TimeoutError:
                     finished = False
-                    continue
-                sympy_times.append(seconds)
     row: dict[str, Any] = {
         "prompts": prompts,
         "rows": matrix.shape[0],
@@ -145,11 +149,10 @@ def main(args: argparse.Namespace) -> None:
     device = setup(args)
     if device.type != "cpu":
         raise ValueError("The bases benchmark runs on the CPU (both methods are CPU code); drop --device.")
-    args.prompts = args.prompts or [1, 2]
-    args.width = args.width or (64 if args.quick else 768)
-    args.tokens = args.tokens or (8 if args.quick else 77)
-    if args.svd_number < 1 or args.sympy_timeout <= 0 or args.tokens < 2 or min(args.prompts) < 1:
-        raise ValueError("--svd_number, --sympy_timeout and --prompts must be positive and --tokens >= 2.")
+    args.width = sized(args.width, args.quick, 64, 768)
+    args.tokens = sized(args.tokens, args.quick, 8, 77)
+    if min(args.svd_number, args.width, *args.prompts) < 1 or args.sympy_timeout <= 0 or args.tokens < 2:
+        raise ValueError("--svd_number, --width, --prompts and --sympy_timeout must be positive and --tokens >= 2.")
     rows = [bench_size(prompts, arithmetic, args, device) for arithmetic in args.arithmetic for prompts in args.prompts]
     for row in rows:
         row["goal_met"] = goal_met(row)
@@ -167,8 +170,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    result = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    result.add_argument("--prompts", type=int, nargs="+", default=None,
+    result = bench_parser(__doc__)
+    result.add_argument("--prompts", type=int, nargs="+", default=[1, 2],
                         help="protected prompts per matrix, one size each (default: 1 2)")
     result.add_argument("--width", type=int, default=None, help="text width d (default: 768; --quick: 64)")
     result.add_argument("--tokens", type=int, default=None, help="tokens per prompt L (default: 77; --quick: 8)")

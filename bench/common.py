@@ -66,15 +66,29 @@ class BenchError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------- arguments
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose --help shows the benchmark's module docstring as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, repeats: int | None) -> argparse.ArgumentParser:
     """``--quick --device --threads --seed`` and, unless ``repeats`` is None, ``--repeats``."""
     parser.add_argument("--quick", action="store_true", help="tiny sizes that finish in seconds (a smoke test)")
     if repeats is not None:
-        parser.add_argument("--repeats", type=int, default=repeats, help=f"timed repeats per variant (default: {repeats})")
+        parser.add_argument(
+            "--repeats", type=int, default=repeats, help=f"timed repeats per variant (default: {repeats})"
+        )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
     return parser
+
+
+def sized(value: Any, quick: bool, quick_value: Any, full_value: Any) -> Any:
+    """A flag's value if given, else its ``--quick`` or full-size default (0 stays 0 and is refused later)."""
+    if value is not None:
+        return value
+    return quick_value if quick else full_value
 
 
 def setup(args: argparse.Namespace) -> torch.device:
@@ -108,28 +122,23 @@ def time_interleaved(
     repeats: int,
     device: torch.device,
     prepare: Mapping[str, Callable[[], None]] | None = None,
-    number: Mapping[str, int] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of every variant, ``repeats`` values each, measured interleaved.
 
     ``prepare[name]`` (untimed) runs before each timed call of ``name``, e.g. to put a shared
-    model into that variant's state. ``number[name]`` calls are timed together and averaged, for
-    variants too fast to time one call at a time. One untimed warm-up call per variant comes first.
+    model into that variant's state. One untimed warm-up call per variant comes first.
     """
     names = list(variants)
     prepare = prepare or {}
-    number = number or {}
 
     def timed(name: str) -> float:
         if name in prepare:
             prepare[name]()
-        calls = number.get(name, 1)
         synchronize(device)
         started = time.perf_counter()
-        for _ in range(calls):
-            variants[name]()
+        variants[name]()
         synchronize(device)
-        return (time.perf_counter() - started) / calls
+        return time.perf_counter() - started
 
     for name in names:
         timed(name)
@@ -186,7 +195,8 @@ def _measured_run(function: Callable[..., Any], args: tuple[Any, ...], device_na
     if device.type == "cuda":
         result = function(*args)
         torch.cuda.synchronize(device)
-        return {"peak_mib": torch.cuda.max_memory_allocated(device) / MIB, "memory": "cuda max_memory_allocated"}, result
+        peak = torch.cuda.max_memory_allocated(device) / MIB
+        return {"peak_mib": peak, "memory": "cuda max_memory_allocated"}, result
     start, _ = _resident_mib()
     result = function(*args)
     _, peak = _resident_mib()
@@ -205,7 +215,7 @@ def run_in_process(
 ) -> Any:
     """``function(*args)`` in a fresh process (forked on CPU, spawned with CUDA); its result.
 
-    ``function`` must be importable (module level) and its result picklable. After ``timeout``
+    The result must be picklable, and with CUDA (spawn) ``function`` importable. After ``timeout``
     seconds the process is killed and ``TimeoutError`` raised.
     """
     context = multiprocessing.get_context("spawn" if device.type == "cuda" else "fork")
@@ -231,7 +241,9 @@ def run_in_process(
     return payload
 
 
-def peak_memory(function: Callable[..., Any], args: tuple[Any, ...], device: torch.device) -> tuple[dict[str, Any], Any]:
+def peak_memory(
+    function: Callable[..., Any], args: tuple[Any, ...], device: torch.device
+) -> tuple[dict[str, Any], Any]:
     """Peak memory of ``function(*args)`` run alone in a fresh process (module docstring): the
     record {"peak_mib", "memory"} and the function's result. Call it before building any model."""
     if device.type == "cpu" and not (Path("/proc/self/clear_refs").exists() and ctypes.util.find_library("c")):
@@ -328,11 +340,11 @@ def make_trainer(
     raise BenchError(f"Unknown method {method!r}; choose one of {', '.join(METHOD_LR)}.")
 
 
-def train_step(trainer: ConceptTrainer, optimizer: torch.optim.Optimizer, step: int) -> float:
+def train_step(trainer: ConceptTrainer, optimizer: torch.optim.Optimizer, step: int) -> None:
     """One optimisation step of ``trainer``: the body of ``ConceptTrainer.fit`` for one process.
 
     Uses the trainer's own draws (``step_generator``), loss and momentum stoppers; leaves out
-    what only matters across processes or runs (collectives, checkpoints, progress). Returns the loss.
+    what only matters across processes or runs (collectives, checkpoints, progress).
     """
     concepts = trainer.training_concepts()
     if not concepts:
@@ -344,7 +356,6 @@ def train_step(trainer: ConceptTrainer, optimizer: torch.optim.Optimizer, step: 
     for concept in concepts:
         if trainer.stoppers[concept].update(float(result.tracked[concept])):
             trainer.on_stop(concept)
-    return float(result.loss.detach())
 
 
 def trainer_optimizer(trainer: ConceptTrainer) -> torch.optim.Optimizer:

@@ -32,6 +32,7 @@ from torch import nn
 from common import (
     METHOD_LR,
     add_common_arguments,
+    bench_parser,
     bench_config,
     build_model,
     make_fabric,
@@ -41,6 +42,7 @@ from common import (
     random_latents,
     run_main,
     setup,
+    sized,
     time_interleaved,
     timing_summary,
     train_step,
@@ -63,7 +65,8 @@ class UNetCallCounter:
     """Forward calls and rows of a UNet, with and without grad, and backward passes through them."""
 
     def __init__(self, unet: nn.Module) -> None:
-        self.counts = dict.fromkeys(("calls_no_grad", "rows_no_grad", "calls_grad", "rows_grad", "backward", "rows_backward"), 0)
+        keys = ("calls_no_grad", "rows_no_grad", "calls_grad", "rows_grad", "backward", "rows_backward")
+        self.counts = dict.fromkeys(keys, 0)
         self.handle = unet.register_forward_hook(self._on_forward)
 
     def _on_forward(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -152,14 +155,15 @@ def measure_sd_unet(device: torch.device, repeats: int) -> dict[str, float]:
         unet(x, t, context=context).square().mean().backward()
         unet.zero_grad(set_to_none=True)
 
-    times = timing_summary(time_interleaved({"forward": forward, "forward_backward": forward_backward}, repeats, device), "forward")
+    times = time_interleaved({"forward": forward, "forward_backward": forward_backward}, repeats, device)
+    times = timing_summary(times, baseline="forward")
     forward_s = times["forward"]["median_s"]
     return {"forward_s": forward_s, "backward_s": max(times["forward_backward"]["median_s"] - forward_s, 0.0)}
 
 
 def main(args: argparse.Namespace) -> None:
     device = setup(args)
-    steps = args.steps or (2 if args.quick else 200)
+    steps = sized(args.steps, args.quick, 2, 200)
     if steps < 1 or args.sd_concepts < 1 or args.backward_factor <= 0:
         raise ValueError("--steps and --sd_concepts must be >= 1 and --backward_factor > 0.")
     per_row = None
@@ -200,13 +204,16 @@ def main(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    result = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    result.add_argument("--steps", type=int, default=None, help="trainer steps counted per method (default: 200; --quick: 2)")
+    result = bench_parser(__doc__)
+    result.add_argument("--steps", type=int, default=None,
+                        help="trainer steps counted per method (default: 200; --quick: 2)")
     result.add_argument("--ddim_steps", type=int, default=DEFAULT_DDIM_STEPS, help="ESD's DDIM schedule (default: 50)")
-    result.add_argument("--sd_concepts", type=int, default=1, help="concepts SepCE erases jointly on SD v1.4 (default: 1)")
+    result.add_argument("--sd_concepts", type=int, default=1,
+                        help="concepts SepCE erases jointly on SD v1.4 (default: 1)")
     result.add_argument("--backward_factor", type=float, default=2.0,
                         help="a backward row in forward-equivalents (default: 2, the usual rule of thumb)")
-    result.add_argument("--forward_s", type=float, default=None, help="seconds of one SD v1.4 UNet forward row at 64x64")
+    result.add_argument("--forward_s", type=float, default=None,
+                        help="seconds of one SD v1.4 UNet forward row at 64x64")
     result.add_argument("--backward_s", type=float, default=None,
                         help="seconds of one backward row (default: backward_factor x forward_s)")
     result.add_argument("--measure_sd_unet", action="store_true",

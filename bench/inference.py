@@ -29,12 +29,14 @@ from torch import nn
 from common import (
     MODEL_NAMES,
     add_common_arguments,
+    bench_parser,
     build_model,
     print_json,
     print_table,
     require_models,
     run_main,
     setup,
+    sized,
     time_interleaved,
     timing_summary,
 )
@@ -122,9 +124,9 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device)
 
 def main(args: argparse.Namespace) -> None:
     device = setup(args)
-    models = args.models or (["sd-tiny"] if args.quick else ["toy", "sd-mid"])
+    models = sized(args.models, args.quick, ["sd-tiny"], ["toy", "sd-mid"])
     require_models(models)
-    args.batch_size = args.batch_size or (2 if args.quick else 4)
+    args.batch_size = sized(args.batch_size, args.quick, 2, 4)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}.")
     results = {name: bench_model(name, args, device) for name in models}
@@ -140,11 +142,12 @@ def main(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    result = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    result = bench_parser(__doc__)
     result.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=None,
                         help="models to run on (default: toy sd-mid; --quick: sd-tiny)")
     result.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model config's)")
-    result.add_argument("--batch_size", type=int, default=None, help="images per sampling call (default: 4; --quick: 2)")
+    result.add_argument("--batch_size", type=int, default=None,
+                        help="images per sampling call (default: 4; --quick: 2)")
     return add_common_arguments(result, repeats=10)
 
 

@@ -13,7 +13,7 @@ erased artist's accuracy and the mean accuracy change of the other nine classes 
 Goal: SepCE >= 3x faster than ESD-x with a smaller collateral change.
 
     python bench/time_to_erase.py                   # needs models/toy/model.safetensors
-    python bench/time_to_erase.py --quick           # fewer samples and steps (still the toy model)
+    python bench/time_to_erase.py --quick           # fewer samples, images and steps (still the toy model)
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from common import (
     CONCEPT,
     METHOD_LR,
     add_common_arguments,
+    bench_parser,
     bench_config,
     build_model,
     make_fabric,
@@ -40,6 +41,7 @@ from common import (
     require_models,
     run_main,
     setup,
+    sized,
     train_step,
     trainer_optimizer,
 )
@@ -106,9 +108,10 @@ def others_change(before: dict[str, float], after: dict[str, float], erased: str
 def main(args: argparse.Namespace) -> None:
     device = setup(args)
     require_models(["toy"])
-    samples = args.samples or (10 if args.quick else 100)
-    check_samples = args.check_samples or (5 if args.quick else 20)
-    max_steps = args.max_steps or (20 if args.quick else MAX_STEPS)
+    samples = sized(args.samples, args.quick, 10, 100)
+    check_samples = sized(args.check_samples, args.quick, 5, 20)
+    max_steps = sized(args.max_steps, args.quick, 20, MAX_STEPS)
+    args.num_images = sized(args.num_images, args.quick, 8, 100)
     if min(samples, check_samples, max_steps, args.check_every, args.num_images) < 1:
         raise ValueError("--samples, --check_samples, --max_steps, --check_every and --num_images must be >= 1.")
     oracle = load_oracle(device=device)
@@ -152,15 +155,18 @@ def main(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    result = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    result = bench_parser(__doc__)
     result.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all three")
-    result.add_argument("--samples", type=int, default=None, help="quality samples per class (default: 100; --quick: 10)")
+    result.add_argument("--samples", type=int, default=None,
+                        help="quality samples per class (default: 100; --quick: 10)")
     result.add_argument("--check_samples", type=int, default=None,
                         help="samples per accuracy check (default: 20; --quick: 5)")
     result.add_argument("--check_every", type=int, default=10, help="steps between accuracy checks (default: 10)")
-    result.add_argument("--max_steps", type=int, default=None, help="step limit per method (default: 1000; --quick: 20)")
-    result.add_argument("--num_images", type=int, default=100,
-                        help="training images of the artist for SepCE and CiE (default: 100, as the training scripts)")
+    result.add_argument("--max_steps", type=int, default=None,
+                        help="step limit per method (default: 1000; --quick: 20)")
+    result.add_argument("--num_images", type=int, default=None,
+                        help="training images of the artist for SepCE and CiE (default: 100 as the training scripts; "
+                             "--quick: 8)")
     return add_common_arguments(result, repeats=None)
 
 

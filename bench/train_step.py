@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from common import (
     METHOD_LR,
     MODEL_NAMES,
     add_common_arguments,
+    bench_parser,
     bench_config,
     build_model,
     make_fabric,
@@ -44,6 +46,7 @@ from common import (
     require_models,
     run_main,
     setup,
+    sized,
     time_interleaved,
     timing_summary,
     train_step,
@@ -68,7 +71,7 @@ class TwoCopySepCETrainer(SepCETrainer):
 
     def __init__(self, model: nn.Module, fabric: Fabric, latents: torch.Tensor, config: TrainingConfig) -> None:
         # Copy before the increments are attached; the first and cond stages are shared, not copied.
-        shared = {id(model.first_stage_model): model.first_stage_model, id(model.cond_stage_model): model.cond_stage_model}
+        shared = {id(part): part for part in (model.first_stage_model, model.cond_stage_model)}
         self.frozen_model = copy.deepcopy(model, memo=shared).requires_grad_(False)
         bases = compute_bases(model, [CONCEPT], min_dims=1)
         super().__init__(model, fabric, bases, {CONCEPT: latents}, config, lam=0.0)
@@ -95,31 +98,33 @@ def make_variant(variant: str, model_name: str, device: torch.device, seed: int,
     latents = random_latents(model, TRAINING_IMAGES, seed)
     if variant == "sepce_two_copy":
         return TwoCopySepCETrainer(model, fabric, latents, bench_config(METHOD_LR["sepce"], seed))
-    method = variant
-    return make_trainer(method, model, fabric, latents, bench_config(METHOD_LR[method], seed), ddim_steps)
+    return make_trainer(variant, model, fabric, latents, bench_config(METHOD_LR[variant], seed), ddim_steps)
 
 
-def run_variant_steps(variant: str, model_name: str, device_name: str, seed: int, ddim_steps: int) -> int:
+def run_variant_steps(variant: str, model_name: str, device_name: str, seed: int, ddim_steps: int) -> None:
     """Build ``variant`` and run ``MEMORY_STEPS`` steps (the body of a peak-memory process)."""
     trainer = make_variant(variant, model_name, torch.device(device_name), seed, ddim_steps)
     optimizer = trainer_optimizer(trainer)
     for step in range(MEMORY_STEPS):
         train_step(trainer, optimizer, step)
-    return sum(parameter.numel() for parameter in trainer.trained_parameters().values())
 
 
-def bench_model(model_name: str, args: argparse.Namespace, device: torch.device, ddim_steps: int) -> dict[str, Any]:
-    memory, trained = {}, {}
-    if not args.no_memory:
-        for variant in VARIANTS:
-            memory[variant], trained[variant] = peak_memory(
-                run_variant_steps, (variant, model_name, str(device), args.seed, ddim_steps), device
-            )
+def measure_memory(model_name: str, args: argparse.Namespace, device: torch.device, ddim_steps: int) -> dict[str, Any]:
+    """Peak memory of every variant on ``model_name``, each alone in a fresh process."""
+    return {
+        variant: peak_memory(run_variant_steps, (variant, model_name, str(device), args.seed, ddim_steps), device)[0]
+        for variant in VARIANTS
+    }
+
+
+def bench_model(
+    model_name: str, args: argparse.Namespace, device: torch.device, ddim_steps: int, memory: dict[str, Any]
+) -> dict[str, Any]:
     trainers = {variant: make_variant(variant, model_name, device, args.seed, ddim_steps) for variant in VARIANTS}
     optimizers = {variant: trainer_optimizer(trainer) for variant, trainer in trainers.items()}
     steps = dict.fromkeys(VARIANTS, 0)
 
-    def stepper(variant: str):
+    def stepper(variant: str) -> Callable[[], None]:
         def step() -> None:
             train_step(trainers[variant], optimizers[variant], steps[variant])
             steps[variant] += 1
@@ -152,10 +157,12 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
 
 def main(args: argparse.Namespace) -> None:
     device = setup(args)
-    models = args.models or (["sd-tiny"] if args.quick else ["toy", "sd-mid"])
+    models = sized(args.models, args.quick, ["sd-tiny"], ["toy", "sd-mid"])
     require_models(models)
-    ddim_steps = args.ddim_steps or (4 if args.quick else 50)
-    results = {name: bench_model(name, args, device, ddim_steps) for name in models}
+    ddim_steps = sized(args.ddim_steps, args.quick, 4, 50)
+    # Every memory process is forked before the parent runs any model (see bench/common.py).
+    memory = {name: {} if args.no_memory else measure_memory(name, args, device, ddim_steps) for name in models}
+    results = {name: bench_model(name, args, device, ddim_steps, memory[name]) for name in models}
     rows = [row for result in results.values() for row in result["rows"]]
     columns = ["model", "variant", "median_s", "time_ratio_to_sepce", "trained_parameters"]
     if not args.no_memory:
@@ -169,7 +176,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    result = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    result = bench_parser(__doc__)
     result.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=None,
                         help="models to run on (default: toy sd-mid; --quick: sd-tiny)")
     result.add_argument("--ddim_steps", type=int, default=None, help="ESD's DDIM schedule (default: 50; --quick: 4)")

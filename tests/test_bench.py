@@ -1,0 +1,230 @@
+"""The benchmarks (bench/, issue 6): each --quick run ends with one JSON line holding its results,
+the measuring tools measure what they claim, and the scripts that cannot run here say why.
+
+The scripts are loaded and run in this process (no interpreter start-up per script); the peak
+memory processes they fork are real."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = REPO_ROOT / "bench"
+
+
+def load_bench(name: str) -> ModuleType:
+    """bench/<name>.py as a module (the scripts import their neighbours, so bench/ goes on the path)."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(f"bench_{name.replace('-', '_')}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_bench(name: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    """Run a benchmark's main with ``argv``; its printed last line, parsed as JSON."""
+    module = load_bench(name)
+    module.main(module.parser().parse_args(argv))
+    lines = capsys.readouterr().out.strip().splitlines()
+    record = json.loads(lines[-1])
+    assert record["bench"] == name.replace("-", "_")
+    assert record["machine"]["torch"] == torch.__version__
+    assert any(line.startswith("| ") for line in lines[:-1]), "a table comes before the JSON line"
+    return record
+
+
+@pytest.fixture(scope="module")
+def common() -> ModuleType:
+    load_bench("common")
+    import common as module
+
+    return module
+
+
+# ------------------------------------------------------------------------------------- tools
+def test_time_interleaved_rotates_and_summarises(common: ModuleType) -> None:
+    calls: list[str] = []
+    variants = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times = common.time_interleaved(variants, repeats=3, device=torch.device("cpu"))
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {name: len(values) for name, values in times.items()} == {"a": 3, "b": 3, "c": 3}
+    summary = common.timing_summary({"base": [1.0, 2.0, 4.0], "x": [2.0, 2.0, 2.0]}, baseline="base")
+    assert summary["base"]["ratio"] == 1.0
+    assert summary["x"] == {"median_s": 2.0, "min_s": 2.0, "ratio": 1.0}
+
+
+def allocate_and_hold(mib: int) -> int:
+    block = torch.ones(mib * 2**20 // 4)
+    return int(block.numel())
+
+
+def test_peak_memory_sees_an_allocation_and_not_the_warm_up(common: ModuleType) -> None:
+    cpu = torch.device("cpu")
+    big, numel = common.peak_memory(allocate_and_hold, (96,), cpu)
+    small, _ = common.peak_memory(allocate_and_hold, (1,), cpu)
+    assert numel == 96 * 2**18
+    assert 90 <= big["peak_mib"] <= 130
+    assert small["peak_mib"] < 20
+
+
+def test_run_in_process_times_out_and_reports_errors(common: ModuleType) -> None:
+    cpu = torch.device("cpu")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not finish within 0.5 s"):
+        common.run_in_process(time.sleep, (30,), cpu, timeout=0.5)
+    assert time.monotonic() - started < 10
+    with pytest.raises(common.BenchError, match="ZeroDivisionError"):
+        common.run_in_process(divmod, (1, 0), cpu)
+
+
+def test_unknown_model_is_refused(common: ModuleType) -> None:
+    with pytest.raises(common.BenchError, match="Unknown model"):
+        common.require_models(["sd-huge"])
+
+
+# ------------------------------------------------------------------------------------- benches
+def test_bases_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    record = run_bench("bases", ["--quick", "--prompts", "1", "2", "--svd_number", "2"], capsys)
+    rows = record["rows"]
+    sizes = [(row["prompts"], row["arithmetic"]) for row in rows]
+    assert sizes == [(1, "float"), (2, "float"), (1, "rational"), (2, "rational")]
+    for row in rows:
+        assert row["sympy_finished"]
+        assert row["rank"] == 1 + row["prompts"] * 7  # the shared first token, then 7 rows per prompt
+        assert row["svd_dims"] == row["sympy_dims"] == 64 - row["rank"]
+        assert row["max_angle_rad"] < 1e-6
+        assert row["svd_residual"] < 1e-12 and row["sympy_residual"] < 1e-12
+        assert row["speedup"] > 0 and isinstance(row["goal_met"], bool)
+    assert record["goals"] == {"speedup_at_least": 1000.0, "angle_below_rad": 1e-6}
+
+
+def check_train_step(record: dict) -> dict:
+    result = record["models"]["sd-tiny"]
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"sepce", "sepce_two_copy", "esd_x"}
+    assert rows["sepce"]["trained_parameters"] == rows["sepce_two_copy"]["trained_parameters"]
+    assert rows["sepce"]["trained_parameters"] < rows["esd_x"]["trained_parameters"]
+    assert all(row["median_s"] > 0 for row in rows.values())
+    assert rows["sepce"]["time_ratio_to_sepce"] == 1.0
+    return rows
+
+
+def test_bases_reports_a_sympy_run_past_its_time_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--quick", "--prompts", "2", "--arithmetic", "float", "--svd_number", "1", "--sympy_timeout", "0.001"]
+    (row,) = run_bench("bases", argv, capsys)["rows"]
+    assert not row["sympy_finished"] and not row["goal_met"]
+    assert row["sympy_s"] == "> 0.001" and "speedup" not in row
+
+
+def test_train_step_quick_timing(capsys: pytest.CaptureFixture[str]) -> None:
+    record = run_bench("train_step", ["--quick", "--repeats", "1", "--no_memory"], capsys)
+    assert "peak_mib" not in check_train_step(record)["sepce"]
+
+
+@pytest.mark.slow
+def test_train_step_quick_with_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    record = run_bench("train_step", ["--quick", "--repeats", "1"], capsys)
+    rows = check_train_step(record)
+    assert rows["sepce"]["peak_mib"] < rows["sepce_two_copy"]["peak_mib"]  # the second UNet copy
+    goal = record["models"]["sd-tiny"]["goal_one_copy_memory_ratio"]
+    assert goal["value"] == pytest.approx(rows["sepce"]["memory_ratio_to_two_copy"])
+
+
+def test_inference_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    record = run_bench("inference", ["--quick", "--repeats", "1"], capsys)
+    result = record["models"]["sd-tiny"]
+    assert [row["variant"] for row in result["rows"]] == ["base", "merged_1", "per_call_1", "merged_9", "per_call_9"]
+    for count in (1, 9):
+        assert result["checks"][f"merged_vs_per_call_{count}_max_abs_diff"] < 1e-5
+        assert result["checks"][f"base_vs_merged_{count}_max_abs_diff"] > 0
+    assert set(result["goal_merged_ratio"]) == {"value", "goal", "met"}
+
+
+def test_cost_model_quick_counts_unet_calls(capsys: pytest.CaptureFixture[str]) -> None:
+    record = run_bench("cost_model", ["--quick", "--ddim_steps", "10"], capsys)
+    rows = {row["method"]: row for row in record["rows"]}
+
+    def counts(method: str) -> tuple[float, float, float]:
+        return rows[method]["rows_no_grad"], rows[method]["rows_grad"], rows[method]["rows_backward"]
+
+    assert counts("sepce") == (2, 1, 1)  # one no-grad batch-2 call, one call with grad (METHOD.md §2)
+    assert counts("sepce_two_copy") == (2, 2, 2)
+    assert counts("cie") == (2, 2, 2)
+    assert rows["esd_x"]["rows_grad"] == 1 and rows["esd_x"]["rows_no_grad"] >= 2  # + the partial DDIM run
+    assert record["sd14_sepce_dims"] == 768 - 77
+    assert rows["sepce"]["trained_parameters_sd14"] == 691 * sum(2 * c for c in [320] * 5 + [640] * 5 + [1280] * 6)
+    assert rows["cie"]["trained_parameters_sd14"] == rows["esd_x"]["trained_parameters_sd14"]
+    assert rows["sepce"]["cost_ratio_to_sepce"] == 1.0 and rows["cie"]["cost_ratio_to_sepce"] > 1.0
+
+
+def test_erase_until_stops_at_the_threshold_or_the_step_limit(common: ModuleType) -> None:
+    bench = load_bench("time_to_erase")
+    cpu = torch.device("cpu")
+
+    def trainer(iterations: int):
+        torch.manual_seed(0)
+        model = common.build_model("sd-tiny", cpu)
+        latents = common.random_latents(model, 2, seed=0)
+        config = common.bench_config(lr=0.1, seed=0, iterations=iterations)
+        return common.make_trainer("sepce", model, common.make_fabric(cpu), latents, config)
+
+    readings = iter([0.9, 0.5, 0.1])
+    run = bench.erase_until(trainer(100), lambda: next(readings), threshold=0.2, check_every=2)
+    assert run["reached"] and run["steps"] == 6
+    assert [check["step"] for check in run["checks"]] == [2, 4, 6]
+    assert run["train_s"] > 0
+    run = bench.erase_until(trainer(3), lambda: 0.9, threshold=0.2, check_every=2)
+    assert not run["reached"] and run["steps"] == 3 and run["stop_reason"] == "max_steps"
+    assert [check["step"] for check in run["checks"]] == [2, 3]
+
+
+def test_time_to_erase_refuses_a_missing_toy_model(
+    common: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(common, "TOY_CKPT", tmp_path / "model.safetensors")
+    bench = load_bench("time_to_erase")
+    monkeypatch.setattr(sys, "argv", ["time_to_erase.py", "--quick"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.run_main(bench.main, bench.parser())
+    assert exit_info.value.code == 2
+    assert "does not exist yet; train it first with `python train-scripts/train-toy.py`" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_time_to_erase_quick_on_the_toy_model(capsys: pytest.CaptureFixture[str]) -> None:
+    if not (REPO_ROOT / "models" / "toy" / "model.safetensors").is_file():
+        pytest.skip("the toy model is not trained yet")
+    record = run_bench("time_to_erase", ["--quick", "--methods", "sepce", "--samples", "2", "--max_steps", "4"], capsys)
+    run = record["runs"]["sepce"]
+    assert run["steps"] <= 4 and run["data_s"] > 0
+    assert set(record["before"]) >= {"blank", "vela quorin"}
+
+
+def test_sd_gpu_fails_clearly_without_checkpoint_or_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = load_bench("sd-gpu")
+    monkeypatch.setattr(sys, "argv", ["sd-gpu.py", "--ckpt_path", str(tmp_path / "missing.ckpt")])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.run_main(bench.main, bench.parser())
+    assert exit_info.value.code == 2
+    assert f"Checkpoint {tmp_path / 'missing.ckpt'} not found" in capsys.readouterr().err
+    if torch.cuda.is_available():
+        return
+    checkpoint = tmp_path / "sd-v1-4.ckpt"
+    checkpoint.write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(sys, "argv", ["sd-gpu.py", "--ckpt_path", str(checkpoint)])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.run_main(bench.main, bench.parser())
+    assert exit_info.value.code == 2
+    assert "needs a CUDA GPU, but torch sees none here" in capsys.readouterr().err

@@ -1,0 +1,314 @@
+"""Scenes: METHOD.md §4's timelines and roles, exact SepCE restore on the wide tiny model, baseline
+add/subtract, tables, and eval-scripts/run-scenes.py end to end on the tiny model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+from erasure.bases import compute_bases
+from erasure.increments import (
+    ConceptIncrement,
+    attach_increment,
+    attached_names,
+    cross_attention_kv,
+    extract_increment,
+    restore,
+)
+from erasure.loading import model_fingerprint
+from erasure.metrics import ConceptMetrics, FidFeatures
+from erasure.sampling import sample_images
+from erasure.scenes import (
+    ERASED,
+    REGULAR,
+    RESTORED,
+    SCENES,
+    EvaluatedClass,
+    SceneError,
+    SceneResult,
+    SceneRow,
+    TimeStep,
+    Timeline,
+    make_edits,
+    play,
+    role_summary,
+    scene_csv,
+    scene_grid,
+    scene_markdown,
+    scene_record,
+)
+from erasure.toy.world import ARTISTS
+from erasure.weight_differences import WeightDifference, WeightDifferenceError
+from test_classifier import last_json, load_script
+from test_metrics import PooledColour
+from test_trainers import write_images
+from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
+
+CONCEPTS = list(ARTISTS[:3])  # the wide tiny model's 8 tokens keep their first 6 letters apart
+TWO_STEPS = Timeline("test", (TimeStep("t0", erase=(0, 1)), TimeStep("t1", restore=(0,))))
+SEEDS = [11, 12]
+
+
+@pytest.fixture(scope="module")
+def wide_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_wide_tiny_config(tmp_path_factory.mktemp("wide"))
+
+
+@pytest.fixture
+def model(wide_config: Path) -> nn.Module:
+    return build_wide_tiny_model(wide_config)
+
+
+def images_of(model: nn.Module, prompt: str) -> torch.Tensor:
+    return sample_images(model, [prompt] * len(SEEDS), SEEDS, steps=4, guidance_scale=2.0)
+
+
+def random_increments(model: nn.Module, concepts: list[str], scale: float = 3e4) -> dict[str, ConceptIncrement]:
+    """Jointly separable increments (each protects "" and the others) with large random coefficients."""
+    bases = compute_bases(model, concepts, min_dims=1)
+    generator = torch.Generator().manual_seed(0)
+    increments = {}
+    for concept, basis in bases.items():
+        coeffs = {
+            name: torch.randn(layer.out_features, basis.dims, generator=generator) * scale
+            for name, layer in cross_attention_kv(model).items()
+        }
+        attach_increment(model, basis, coeffs=coeffs, trainable=False)
+        increments[concept] = extract_increment(model, concept, basis)
+    restore(model, concepts)
+    return increments
+
+
+# ----------------------------------------------------------------------------- timelines
+def test_scenes_are_method_md_timelines() -> None:
+    expected = {
+        1: [("t0", (0, 1, 2, 3, 4, 5), ()), ("t1", (), (0, 1)), ("t3", (), (2,))],
+        2: [("t0", (0, 1, 2, 3, 4, 5), ()), ("t1", (), (3, 4)), ("t3", (), (5,))],
+        3: [("t0", (0, 2, 4), ()), ("t1", (), (0, 2)), ("t2", (1, 3), ()), ("t3", (), (1,)), ("t4", (5,), ())],
+        4: [("t0", (0, 1, 2), ()), ("t1", (), (0,)), ("t2", (3, 4), ()), ("t3", (), (1,)), ("t4", (5,), ()),
+            ("t5", (), (2,))],
+    }
+    assert sorted(SCENES) == [1, 2, 3, 4]
+    for number, steps in expected.items():
+        assert [(s.label, s.erase, s.restore) for s in SCENES[number].steps] == steps
+        assert SCENES[number].concepts_needed == 6
+    assert SCENES[3].erased_concepts == (0, 2, 4, 1, 3, 5)
+
+
+def test_roles_follow_the_timeline() -> None:
+    roles = SCENES[3].roles(9)
+    e, r, g = ERASED, RESTORED, REGULAR
+    assert [roles[step][i] for step in range(5) for i in (0, 1, 5)] == [
+        e, g, g,  # t0: erase c0, c2, c4
+        r, g, g,  # t1: restore c0, c2
+        r, e, g,  # t2: erase c1, c3
+        r, r, g,  # t3: restore c1
+        r, r, e,  # t4: erase c5
+    ]
+    final = SCENES[1].roles(9)[-1]
+    assert [final[i] for i in range(9)] == [r, r, r, e, e, e, g, g, g]
+    assert SCENES[4].erased_sets()[-1] == {3, 4, 5}
+
+
+@pytest.mark.parametrize(
+    "steps, message",
+    [
+        ((TimeStep("t0", restore=(0,)),), "cannot restore c0"),
+        ((TimeStep("t0", erase=(0,)), TimeStep("t1", erase=(0,))), "erased already"),
+        ((TimeStep("t0"),), "erases and restores nothing"),
+        ((TimeStep("t0", erase=(0,)), TimeStep("t0", restore=(0,))), "labels must be unique"),
+        ((TimeStep("t0", erase=(-1,)),), "integers >= 0"),
+        ((), "at least one time step"),
+    ],
+)
+def test_bad_timelines_are_refused(steps: tuple[TimeStep, ...], message: str) -> None:
+    with pytest.raises(SceneError, match=message):
+        Timeline("bad", steps)
+
+
+# ----------------------------------------------------------------------------- composing
+def test_sepce_restore_gives_the_original_images(model: nn.Module) -> None:
+    increments = random_increments(model, CONCEPTS)
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    original = {prompt: images_of(model, prompt) for prompt in ["", *CONCEPTS]}
+    seen = []
+    for scene_state in play(TWO_STEPS, CONCEPTS, make_edits(model, increments)):
+        for prompt in ["", *CONCEPTS]:
+            difference = float((images_of(model, prompt) - original[prompt]).abs().max())
+            role = scene_state.roles.get(prompt, REGULAR)
+            seen.append((scene_state.step.label, role))
+            if role == ERASED:
+                assert difference > 1e-2, (scene_state.step.label, prompt, difference)
+            else:
+                assert difference <= 1e-5, (scene_state.step.label, prompt, role, difference)
+        assert attached_names(model) == [increments[c].name for c in scene_state.erased]
+    assert ("t1", RESTORED) in seen and ("t1", ERASED) in seen and ("t0", REGULAR) in seen
+    assert attached_names(model) == []  # the model is left as it was found
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
+def test_weight_difference_timeline_adds_and_subtracts(model: nn.Module) -> None:
+    keys = [key for key in model.state_dict() if key.endswith(("attn2.to_k.weight", "attn2.to_q.weight"))]
+    state = model.state_dict()
+    original = {key: state[key].clone() for key in keys}
+    generator = torch.Generator().manual_seed(1)
+    fingerprint = model_fingerprint(model)
+    differences = {
+        concept: WeightDifference(
+            "esd_x", concept, {key: torch.randn(original[key].shape, generator=generator) for key in keys},
+            {"base_model_fingerprint": fingerprint},
+        )
+        for concept in CONCEPTS
+    }
+    timeline = Timeline("test", (TimeStep("t0", erase=(0, 1)), TimeStep("t1", restore=(0,), erase=(2,))))
+    expected_sets = [{"vela quorin", "tamsin brack"}, {"tamsin brack", "odile fenwar"}]
+    for scene_state, expected in zip(play(timeline, CONCEPTS, make_edits(model, differences)), expected_sets):
+        assert set(scene_state.erased) == expected
+        for key in keys:
+            wanted = original[key] + sum(differences[c].deltas[key] for c in expected)
+            torch.testing.assert_close(model.state_dict()[key], wanted, atol=1e-5, rtol=0)
+    for key in keys:
+        torch.testing.assert_close(model.state_dict()[key], original[key], atol=1e-5, rtol=0)
+    differences["vela quorin"].metadata["base_model_fingerprint"] = "0" * 16
+    with pytest.raises(WeightDifferenceError, match="was trained on base model 0000"):
+        make_edits(model, differences)
+
+
+def test_scene_input_errors(model: nn.Module) -> None:
+    increments = random_increments(model, CONCEPTS[:2])
+    with pytest.raises(SceneError, match="no increment or weight difference was given for them"):
+        next(play(TWO_STEPS, CONCEPTS, make_edits(model, {CONCEPTS[0]: increments[CONCEPTS[0]]})))
+    with pytest.raises(SceneError, match="only 1 concepts were given"):
+        next(play(TWO_STEPS, CONCEPTS[:1], make_edits(model, increments)))
+    with pytest.raises(SceneError, match="more than once"):
+        next(play(TWO_STEPS, [CONCEPTS[0], CONCEPTS[0].upper(), CONCEPTS[1]], make_edits(model, increments)))
+    mixed = {CONCEPTS[0]: increments[CONCEPTS[0]], CONCEPTS[1]: WeightDifference("cie", CONCEPTS[1], {})}
+    with pytest.raises(SceneError, match="one kind at a time"):
+        make_edits(model, mixed)
+    assert attached_names(model) == []
+
+
+# ----------------------------------------------------------------------------- tables
+def test_tables_record_and_grid() -> None:
+    def row(step: str, name: str, role: str, acc: float, fid: float) -> SceneRow:
+        return SceneRow(step, role, ConceptMetrics(name, 4, 1, fid=fid, lpips=fid / 100, acc=acc, acc_original=0.75))
+
+    result = SceneResult(TWO_STEPS, CONCEPTS)
+    result.rows = [row("t0", "blank", REGULAR, 0.75, 0.0), row("t0", "vela quorin", ERASED, 0.0, 120.0),
+                   row("t1", "vela quorin", RESTORED, 0.75, 0.0), row("t1", "tamsin brack", ERASED, 0.25, 90.0)]
+    lines = list(csv.reader(io.StringIO(scene_csv(result))))
+    assert lines[0] == ["step", "concept", "role", "class_index", "images", "fid", "lpips", "acc", "acc_original"]
+    assert lines[2] == ["t0", "vela quorin", "erased", "1", "4", "120", "1.2", "0.0000", "0.7500"]
+    markdown = scene_markdown(result, {"fid": "test-features"})
+    assert "### t1: restore vela quorin" in markdown and "| vela quorin | erased | 120.000 | 0.0 | 75.0 | 1.200 |" in markdown
+    assert markdown.rstrip().endswith("- FID: test-features")
+    record = scene_record(result)
+    assert record["t1"]["vela quorin"] == {"role": "restored", "acc": 0.75, "acc_original": 0.75, "fid": 0.0, "lpips": 0.0}
+    assert role_summary(result) == {
+        "erased_acc_max": 0.25, "restored_acc_gap_max": 0.0, "restored_fid_max": 0.0, "restored_lpips_max": 0.0,
+        "regular_acc_gap_max": 0.0,
+    }
+    classes = [EvaluatedClass("blank", "", 0), EvaluatedClass("a", "a", 1)]
+    column = {name: torch.zeros(3, 3, 8, 8, dtype=torch.uint8) for name in ("blank", "a")}
+    grid = scene_grid(classes, [column, column, column], per_cell=2)
+    assert grid.shape == (3, 2 * 10 + 2, 8 * 10 + 2)  # 3 columns x 2 images + 2 spacers, 8 px + padding 2
+    assert float(grid[:, 2:10, 2 + 2 * 10 : 10 + 2 * 10].min()) == 1.0  # the first spacer is white
+
+
+# ----------------------------------------------------------------------------- the script
+@pytest.fixture(scope="module")
+def scene_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """The wide tiny model as files: a toy-world config with fast sampling, a checkpoint, training images."""
+    folder = tmp_path_factory.mktemp("scene-model")
+    config_path = write_wide_tiny_config(folder)
+    config = OmegaConf.load(config_path)
+    config.world = "toy"
+    config.sampling = {"steps": 2, "guidance_scale": 2.0}
+    OmegaConf.save(config, config_path)
+    state = build_wide_tiny_model(config_path).state_dict()
+    save_file({key: value.contiguous() for key, value in state.items()}, str(folder / "wide.safetensors"))
+    for concept in ARTISTS[:6]:
+        write_images(folder / "data" / concept.replace(" ", "_"), 2)
+    return config_path, folder / "wide.safetensors", folder / "data"
+
+
+@pytest.fixture
+def script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """run-scenes.py with an 8-d FID feature extractor: FID on the oracle's 1024-d features takes a
+    second per call here (metrics are tested in test_metrics.py)."""
+    module = load_script("eval-scripts", "run-scenes")
+    monkeypatch.setattr(module, "resolve_fid_features", lambda *args: FidFeatures(PooledColour.name, PooledColour()))
+    return module
+
+
+def scene_argv(files: tuple[Path, Path, Path], out: Path, *extra: str) -> list[str]:
+    config_path, ckpt_path, data_dir = files
+    return [
+        "--scene", "1", "--concepts", *ARTISTS[:6], "--config_path", str(config_path), "--ckpt_path", str(ckpt_path),
+        "--data_dir", str(data_dir), "--increments_dir", str(out / "increments"), "--original_dir", str(out / "original"),
+        "--output_dir", str(out / "scene"), "--num_samples", "2", "--iterations", "2", "--lr", "1e4", "--lpips", "toy-oracle",
+        "--no_progress", *extra,
+    ]
+
+
+def test_run_scenes_end_to_end_and_reuse(
+    script: ModuleType, scene_model: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script.main(scene_argv(scene_model, tmp_path))
+    out = capsys.readouterr().out
+    assert "Training SepCE increments" in out
+    record = json.loads(out.strip().splitlines()[-1])
+    assert list(record["steps"]) == ["t0", "t1", "t3"]
+    names = ["blank", *ARTISTS[:6]]
+    for step, rows in record["steps"].items():
+        assert list(rows) == names
+        for row in rows.values():
+            assert set(row) == {"role", "acc", "acc_original", "fid", "lpips"}
+    t3 = record["steps"]["t3"]
+    assert [t3[name]["role"] for name in names] == ["regular"] + ["restored"] * 3 + ["erased"] * 3
+    for name in names[:4]:  # blank and the restored concepts: the original's pixels
+        assert t3[name]["lpips"] == 0.0 and abs(t3[name]["fid"]) < 1e-6 and t3[name]["acc"] == t3[name]["acc_original"]
+    assert all(t3[name]["lpips"] > 1e-3 for name in names[4:])  # erased: --lr 1e4 moves them in two steps
+    assert record["separability"]["max_restore_abs_diff"] == 0.0
+    assert record["separability"]["max_relative_kv_change"] < 1e-5
+    scene_dir = tmp_path / "scene"
+    assert Image.open(scene_dir / "grid.png").size == (11 * 18 + 2, 7 * 18 + 2)  # 4 columns x 2 + 3 spacers, 16 px
+    assert (scene_dir / "table.csv").read_text().count("\n") == 1 + 3 * 7
+    assert "### t1: restore vela quorin, tamsin brack" in (scene_dir / "table.md").read_text()
+    increments = sorted(path.name for path in (tmp_path / "increments").glob("*.safetensors"))
+    assert increments[0] == "sepce-baptiste_keel-lr_1e4-beta_1e-4-lam_1e-6-tau_1e-4.safetensors"
+    assert len(increments) == 6
+
+    with pytest.raises(ValueError, match="already exists"):
+        script.main(scene_argv(scene_model, tmp_path))
+    script.main(scene_argv(scene_model, tmp_path, "--overwrite"))  # reuses the increments and the original images
+    out = capsys.readouterr().out
+    again = json.loads(out.strip().splitlines()[-1])["steps"]
+    assert "Training SepCE" not in out
+    assert again == pytest.approx(record["steps"], abs=1e-8)  # FID's eigenvalues wobble at 1e-12
+    with pytest.raises(SceneError, match=r"iterations 2 \(asked: 3\); pass --retrain"):
+        script.main(scene_argv(scene_model, tmp_path, "--overwrite", "--iterations", "3"))
+    with pytest.raises(SceneError, match=r"does not protect \['ilkka dorne'\]"):
+        script.main(scene_argv(scene_model, tmp_path, "--overwrite", "--concepts", *ARTISTS[:6], ARTISTS[8]))
+    with pytest.raises(SceneError, match="only 5 concepts were given"):
+        script.main(scene_argv(scene_model, tmp_path, "--overwrite", "--concepts", *ARTISTS[:5]))
+
+
+def test_run_scenes_baseline_names_match_the_driver(
+    script: ModuleType, scene_model: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record = script.main(scene_argv(scene_model, tmp_path, "--method", "esd", "--iterations", "1", "--lr", "1e-5"))
+    written = sorted((tmp_path / "increments").glob("*.safetensors"))
+    assert sorted(record["increments"].values()) == [str(path) for path in written] and len(written) == 6
+    assert written[0].name == "esd_x-baptiste_keel-lr_1e-5-iter_1-sg_3-ng_1.safetensors"
+    assert "separability" not in record and last_json(capsys)["method"] == "esd"
