@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import platform
 import queue
+import reprlib
 import statistics
 import sys
 import tempfile
@@ -223,10 +224,11 @@ def run_in_process(
     process = context.Process(target=_child, args=(function, args, results), daemon=True)
     process.start()
     deadline = None if timeout is None else time.monotonic() + timeout
-    name = f"{getattr(function, '__name__', function)}{args!r}"
+    name = f"{getattr(function, '__name__', function)}{reprlib.repr(args)}"
     while True:
+        wait = 1.0 if deadline is None else min(1.0, max(deadline - time.monotonic(), 0.0))
         try:
-            status, payload = results.get(timeout=1.0)
+            status, payload = results.get(timeout=wait)
             break
         except queue.Empty:
             if not process.is_alive():

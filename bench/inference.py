@@ -148,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model config's)")
     result.add_argument("--batch_size", type=int, default=None,
                         help="images per sampling call (default: 4; --quick: 2)")
-    return add_common_arguments(result, repeats=10)
+    return add_common_arguments(result, repeats=5)
 
 
 if __name__ == "__main__":

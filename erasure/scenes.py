@@ -402,14 +402,14 @@ def scene_record(result: SceneResult) -> dict[str, dict[str, dict[str, Any]]]:
     return record
 
 
-def role_summary(result: SceneResult) -> dict[str, float | None]:
+def role_summary(result: SceneResult) -> dict[str, float | str | None]:
     """The numbers the paper's claim is about, over all steps: how low erased ACC goes, how far
     restored and regular classes stray from the original (None where no row has the role)."""
 
-    def largest(role: str, value: Any) -> float | None:
+    def largest(role: str, value: Callable[[ConceptMetrics], float | None]) -> float | str | None:
         values = [value(row.metrics) for row in result.rows if row.role == role]
         values = [v for v in values if v is not None]
-        return max(values) if values else None
+        return _json_value(max(values)) if values else None
 
     def acc_gap(m: ConceptMetrics) -> float | None:
         return None if m.acc is None else abs(m.acc - m.acc_original)

@@ -13,25 +13,13 @@ the exported weights).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from erasure.convert import ExportError, export_diffusers
-from erasure.files import ErasureFileError
-from erasure.increments import IncrementError, apply_any, load_any
-from erasure.loading import ModelLoadError, add_model_arguments, load_model_from_args
-from erasure.weight_differences import WeightDifferenceError
+from erasure.cli import run_script
+from erasure.convert import export_diffusers
+from erasure.increments import apply_any, load_any
+from erasure.loading import add_model_arguments, load_model_from_args
 
-#: Errors that explain bad input themselves: printed as one line, without a traceback.
-USER_ERRORS = (
-    ModelLoadError,
-    ExportError,
-    IncrementError,
-    ErasureFileError,
-    WeightDifferenceError,
-    FileNotFoundError,
-    FileExistsError,
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +51,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except USER_ERRORS as error:
-        sys.exit(f"error: {error}")
+    run_script(main)

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from erasure.cli import run_script
 from erasure.classes import ClassMapping, mapping_for_config
 from erasure.generation import (
     GenerationError,
@@ -129,7 +129,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_script(main)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import diffusers
 
+from erasure.cli import run_script
 from erasure.files import versions
 from erasure.generation import (
     GenerationError,
@@ -157,7 +157,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_script(main)

@@ -18,14 +18,19 @@ a basis protecting "" and every other concept; otherwise the run stops and says 
 (--retrain trains again). SepCE trains the scene's missing concepts jointly, each protecting
 "" and all other --concepts, so the files serve every scene; an interrupted training resumes.
 
-Cost on the toy model, 2 CPU cores (measured per toy UNet call on a busy machine, so an upper
-estimate): sampling is about 0.3-0.8 s per image (DDIM 25, guidance 3). A scene samples
-10 classes x --num_samples images per time step plus the original once (cached across scenes
-and methods): with the default 16, Scene1/2 (3 steps) about 480 images, 3-7 min, Scene3
-(5 steps) 800, 4-11 min, Scene4 (6 steps) 960, 5-13 min. The first SepCE run also trains:
---num_images 50 training images for each of the 6 erased concepts (300 images, 2-4 min, cached)
-and 300 joint steps (about 0.2-0.5 s each, 1-3 min). ESD-x trains one concept at a time with a
-partial DDIM sample per step: 6 x 300 steps, 10-25 min the first time.
+The JSON's "summary" holds the paper's claim in numbers over all steps: the highest ACC of an
+erased class, and the largest ACC gap / FID / LPIPS of restored and regular classes to the
+original. Time steps are labelled as in METHOD.md (Scene1 and Scene2 go t0, t1, t3).
+
+Cost on the toy model, 2 CPU cores (estimated from toy UNet timings on a busy machine, so an
+upper bound): sampling takes 0.3-0.8 s per image (DDIM 25, guidance 3) and FID on the oracle's
+1024-d features 0.5-1 s per class and step. A scene samples 10 classes x --num_samples images
+per step, plus the original's once (cached across scenes and methods, 160 images with the
+default 16): Scene1/2 (3 steps) 480 images, 3-7 min; Scene3 (5 steps) 800, 5-11 min; Scene4
+(6 steps) 960, 5-14 min. The first SepCE run also trains: --num_images 50 training images for
+each of the 6 erased concepts (300 images, 2-4 min, cached) and 300 joint steps (0.2-0.5 s
+each, 1-3 min). ESD-x trains one concept at a time with a partial DDIM sample per step
+(6 x 300 steps, 10-25 min the first time).
 """
 
 from __future__ import annotations
@@ -33,9 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
 
 from erasure.bases import normalise_prompt
 from erasure.classes import class_mapping
@@ -44,7 +53,15 @@ from erasure.files import check_writable
 from erasure.increments import ConceptIncrement, load_any, slugify, verify
 from erasure.loading import add_model_arguments, load_model_from_args, model_fingerprint
 from erasure.metrics import FID_FEATURES, LPIPS_NETS, ConceptEvaluator, resolve_fid_features, resolve_lpips
-from erasure.sampling import atomic_path, generate_concept_images, sample_images, sampling_settings, save_png, write_json
+from erasure.sampling import (
+    SamplingSettings,
+    atomic_path,
+    generate_concept_images,
+    sample_images,
+    sampling_settings,
+    save_png,
+    write_json,
+)
 from erasure.scenes import (
     SCENES,
     SD_SCENE_ARTISTS,
@@ -119,7 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--train_batch_size", type=int, default=1, help="training batch (default: 1)")
     training.add_argument("--train_seed", type=int, default=0, help="training seed (default: 0)")
     training.add_argument("--num_images", type=int, default=DEFAULT_NUM_IMAGES,
-                          help=f"training images per concept when generated (SepCE, CiE; default: {DEFAULT_NUM_IMAGES})")
+                          help=f"training images per concept when generated (SepCE, CiE; default: "
+                               f"{DEFAULT_NUM_IMAGES})")
     training.add_argument("--data_dir", type=Path, default=None, help="training images {data_dir}/{concept_slug}/")
     args = parser.parse_args(argv)
     if args.num_samples < 2:
@@ -146,14 +164,17 @@ def _driver_argv(args: argparse.Namespace, device_type: str) -> list[str]:
 
 
 def _optional(args: argparse.Namespace, *flags: str) -> list[str]:
-    return [item for flag in flags if getattr(args, flag) is not None for item in (f"--{flag}", str(getattr(args, flag)))]
+    given = [flag for flag in flags if getattr(args, flag) is not None]
+    return [item for flag in given for item in (f"--{flag}", str(getattr(args, flag)))]
 
 
 def _image_argv(args: argparse.Namespace) -> list[str]:
     return ["--num_images", str(args.num_images)] + _optional(args, "data_dir")
 
 
-def _sepce_namespace(args: argparse.Namespace, device_type: str, train: list[str], others: list[str]) -> argparse.Namespace:
+def _sepce_namespace(
+    args: argparse.Namespace, device_type: str, train: list[str], others: list[str]
+) -> argparse.Namespace:
     argv = _driver_argv(args, device_type) + _image_argv(args) + _optional(args, "lam", "tau", "beta", "min_dims")
     argv += ["--mode", "joint", "--no_report", "--concepts", *train] + (["--protect", *others] if others else [])
     return cli.sepce_parser().parse_args(argv)
@@ -174,7 +195,7 @@ def _single_namespace(args: argparse.Namespace, device_type: str, concept: str) 
     return namespace, args.increments_dir / f"{stem}.safetensors"
 
 
-def _launch(run: Any, namespace: argparse.Namespace, stem: Path, retrain: bool) -> None:
+def _launch(run: Callable[..., Any], namespace: argparse.Namespace, stem: Path, retrain: bool) -> None:
     """Run a driver; continue an interrupted run's checkpoint, or start over with --retrain."""
     checkpoint = stem.with_name(stem.name + cli.CHECKPOINT_SUFFIX)
     namespace.overwrite = retrain
@@ -182,7 +203,9 @@ def _launch(run: Any, namespace: argparse.Namespace, stem: Path, retrain: bool) 
     cli.launch(run, namespace)
 
 
-def ensure_edit_files(args: argparse.Namespace, concepts: list[str], erased: list[str], device_type: str) -> dict[str, Path]:
+def ensure_edit_files(
+    args: argparse.Namespace, concepts: list[str], erased: list[str], device_type: str
+) -> dict[str, Path]:
     """{concept: file} for every erased concept: existing files, or trained now with the drivers."""
     if args.method == "sepce":
         namespace = _sepce_namespace(args, device_type, erased, [c for c in concepts if c not in erased])
@@ -264,7 +287,9 @@ def evaluated_classes(classifier: ImageClassifier, concepts: list[str]) -> list[
     return classes
 
 
-def original_images(args: argparse.Namespace, model: Any, classes: list[EvaluatedClass], settings: Any) -> dict:
+def original_images(
+    args: argparse.Namespace, model: nn.Module, classes: list[EvaluatedClass], settings: SamplingSettings
+) -> dict[str, torch.Tensor]:
     """The original model's images of every class (uint8), sampled once into --original_dir and reused."""
     root = args.original_dir / model_fingerprint(model)
     images = {}
@@ -319,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     extractors["acc"] += f" from {args.classifier or 'the toy oracle (artist head)'}"
     seeds = [args.seed + index for index in range(args.num_samples)]
 
-    def sample(prompt: str) -> Any:
+    def sample(prompt: str) -> torch.Tensor:
         return sample_images(model, [prompt] * len(seeds), seeds, settings.steps, settings.guidance_scale,
                              settings.eta, args.batch_size, settings.sampler)
 
@@ -328,8 +353,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     columns = [originals, *(result.images[step.label] for step in timeline.steps)]
     save_png(scene_grid(classes, columns, args.grid_images), outputs["grid.png"])
     header = (f"# {timeline.name}, {args.method}: {args.num_samples} images per class and step, seeds "
-              f"{seeds[0]}..{seeds[-1]}, {settings.sampler} {settings.steps} steps, guidance {settings.guidance_scale:g}\n\n"
-              f"Grid columns: original, {', '.join(step.label for step in timeline.steps)}.\n\n")
+              f"{seeds[0]}..{seeds[-1]}, {settings.sampler} {settings.steps} steps, guidance "
+              f"{settings.guidance_scale:g}\n\nGrid columns: original, "
+              f"{', '.join(step.label for step in timeline.steps)}.\n\n")
     table = header + scene_markdown(result, extractors)
     write_text(outputs["table.csv"], scene_csv(result))
     write_text(outputs["table.md"], table)
@@ -345,7 +371,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "total": round(time.perf_counter() - started, 1)},
     }
     if separability is not None:
-        record["separability"] = {key: separability[key] for key in ("max_relative_kv_change", "max_restore_abs_diff")}
+        record["separability"] = {
+            key: separability[key] for key in ("max_relative_kv_change", "max_restore_abs_diff")
+        }
     write_json(record, outputs["scene.json"])
     print(table)
     print(json.dumps(record), flush=True)

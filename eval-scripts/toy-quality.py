@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from erasure.files import ErasureFileError
-from erasure.increments import IncrementError, apply_any, load_any
-from erasure.loading import ModelLoadError, add_model_arguments, load_model_from_args
+from erasure.cli import run_script
+from erasure.increments import apply_any, load_any
+from erasure.loading import add_model_arguments, load_model_from_args
 from erasure.sampling import sample_images, save_png
 from erasure.toy.oracle import load_oracle
 from erasure.toy.quality import markdown_table, measure_quality
 from erasure.toy.world import CLASS_NAMES, class_prompt
 from erasure.trainers.report import image_grid
-from erasure.weight_differences import WeightDifferenceError
 
-USER_ERRORS = (ModelLoadError, IncrementError, ErasureFileError, WeightDifferenceError, FileNotFoundError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +63,4 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except USER_ERRORS as error:
-        sys.exit(f"error: {error}")
+    run_script(main)

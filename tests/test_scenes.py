@@ -210,10 +210,12 @@ def test_tables_record_and_grid() -> None:
     assert lines[0] == ["step", "concept", "role", "class_index", "images", "fid", "lpips", "acc", "acc_original"]
     assert lines[2] == ["t0", "vela quorin", "erased", "1", "4", "120", "1.2", "0.0000", "0.7500"]
     markdown = scene_markdown(result, {"fid": "test-features"})
-    assert "### t1: restore vela quorin" in markdown and "| vela quorin | erased | 120.000 | 0.0 | 75.0 | 1.200 |" in markdown
+    assert "### t1: restore vela quorin" in markdown
+    assert "| vela quorin | erased | 120.000 | 0.0 | 75.0 | 1.200 |" in markdown
     assert markdown.rstrip().endswith("- FID: test-features")
     record = scene_record(result)
-    assert record["t1"]["vela quorin"] == {"role": "restored", "acc": 0.75, "acc_original": 0.75, "fid": 0.0, "lpips": 0.0}
+    restored = {"role": "restored", "acc": 0.75, "acc_original": 0.75, "fid": 0.0, "lpips": 0.0}
+    assert record["t1"]["vela quorin"] == restored
     assert role_summary(result) == {
         "erased_acc_max": 0.25, "restored_acc_gap_max": 0.0, "restored_fid_max": 0.0, "restored_lpips_max": 0.0,
         "regular_acc_gap_max": 0.0,
@@ -255,9 +257,9 @@ def scene_argv(files: tuple[Path, Path, Path], out: Path, *extra: str) -> list[s
     config_path, ckpt_path, data_dir = files
     return [
         "--scene", "1", "--concepts", *ARTISTS[:6], "--config_path", str(config_path), "--ckpt_path", str(ckpt_path),
-        "--data_dir", str(data_dir), "--increments_dir", str(out / "increments"), "--original_dir", str(out / "original"),
-        "--output_dir", str(out / "scene"), "--num_samples", "2", "--iterations", "2", "--lr", "1e4", "--lpips", "toy-oracle",
-        "--no_progress", *extra,
+        "--data_dir", str(data_dir), "--increments_dir", str(out / "increments"),
+        "--original_dir", str(out / "original"), "--output_dir", str(out / "scene"), "--num_samples", "2",
+        "--iterations", "2", "--lr", "1e4", "--lpips", "toy-oracle", "--no_progress", *extra,
     ]
 
 
@@ -276,8 +278,8 @@ def test_run_scenes_end_to_end_and_reuse(
             assert set(row) == {"role", "acc", "acc_original", "fid", "lpips"}
     t3 = record["steps"]["t3"]
     assert [t3[name]["role"] for name in names] == ["regular"] + ["restored"] * 3 + ["erased"] * 3
-    for name in names[:4]:  # blank and the restored concepts: the original's pixels
-        assert t3[name]["lpips"] == 0.0 and abs(t3[name]["fid"]) < 1e-6 and t3[name]["acc"] == t3[name]["acc_original"]
+    for name in names[:4]:  # blank and the restored concepts: the original's pixels (a rounding flip at most)
+        assert t3[name]["lpips"] < 1e-5 and abs(t3[name]["fid"]) < 1e-6 and t3[name]["acc"] == t3[name]["acc_original"]
     assert all(t3[name]["lpips"] > 1e-3 for name in names[4:])  # erased: --lr 1e4 moves them in two steps
     assert record["separability"]["max_restore_abs_diff"] == 0.0
     assert record["separability"]["max_relative_kv_change"] < 1e-5
@@ -295,7 +297,9 @@ def test_run_scenes_end_to_end_and_reuse(
     out = capsys.readouterr().out
     again = json.loads(out.strip().splitlines()[-1])["steps"]
     assert "Training SepCE" not in out
-    assert again == pytest.approx(record["steps"], abs=1e-8)  # FID's eigenvalues wobble at 1e-12
+    for step, rows in record["steps"].items():
+        for name, row in rows.items():
+            assert again[step][name] == {**row, "fid": pytest.approx(row["fid"], abs=1e-5)}  # eigvals wobble
     with pytest.raises(SceneError, match=r"iterations 2 \(asked: 3\); pass --retrain"):
         script.main(scene_argv(scene_model, tmp_path, "--overwrite", "--iterations", "3"))
     with pytest.raises(SceneError, match=r"does not protect \['ilkka dorne'\]"):

@@ -14,23 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
-from erasure.files import ErasureFileError, check_writable
+from erasure.cli import run_script
+from erasure.files import check_writable
 from erasure.increments import (
     ConceptIncrement,
     IncrementError,
-    WeightDifferenceError,
     apply_any,
     export_checkpoint,
     load_any,
     verify,
 )
-from erasure.loading import ModelLoadError, add_model_arguments, load_model_from_args
+from erasure.loading import add_model_arguments, load_model_from_args
 
-#: Errors that explain bad input themselves: printed as one line, without a traceback.
-USER_ERRORS = (ModelLoadError, ErasureFileError, IncrementError, WeightDifferenceError, FileNotFoundError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,7 +73,4 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except USER_ERRORS as error:
-        sys.exit(f"error: {error}")
+    run_script(main)

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+from erasure.cli import run_script
 from erasure.bases import DEFAULT_MIN_DIMS, DEFAULT_RTOL, compute_bases, save_basis
-from erasure.files import ErasureFileError, check_writable
-from erasure.increments import IncrementError, slugify
-from erasure.loading import ModelLoadError, add_model_arguments, load_model_from_args
+from erasure.files import check_writable
+from erasure.increments import slugify
+from erasure.loading import add_model_arguments, load_model_from_args
 
-#: Errors that explain bad input themselves: printed as one line, without a traceback.
-USER_ERRORS = (ModelLoadError, ErasureFileError, IncrementError, ValueError, TypeError, FileNotFoundError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,7 +69,4 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except USER_ERRORS as error:
-        sys.exit(f"error: {error}")
+    run_script(main)
