@@ -152,8 +152,6 @@ SCENES: dict[int, Timeline] = {
 class Edits(Protocol):
     """Per-concept edits that a timeline switches on (``erase``) and off (``restore``) in a model."""
 
-    kind: str
-
     @property
     def concepts(self) -> list[str]:
         """The concepts it holds an edit for."""
@@ -166,8 +164,6 @@ class Edits(Protocol):
 
 class IncrementEdits:
     """SepCE increments: erase attaches them, restore removes them (exact)."""
-
-    kind = "increments"
 
     def __init__(self, model: nn.Module, increments: Mapping[str, ConceptIncrement]) -> None:
         self.model = model
@@ -190,8 +186,6 @@ class WeightDifferenceEdits:
     All are checked against the base model up front: once one is added, the model's
     fingerprint is no longer the base model's.
     """
-
-    kind = "weight differences"
 
     def __init__(self, model: nn.Module, differences: Mapping[str, WeightDifference]) -> None:
         fingerprint = model_fingerprint(model)
@@ -231,7 +225,6 @@ def make_edits(model: nn.Module, edits: Mapping[str, ConceptIncrement | WeightDi
 class SceneState:
     """The model's state after one time step: which concepts are erased and every concept's role."""
 
-    index: int
     step: TimeStep
     erased: tuple[str, ...]
     roles: dict[str, str]
@@ -267,16 +260,15 @@ def play(timeline: Timeline, concepts: Sequence[str], edits: Edits) -> Iterator[
     check_scene(timeline, concepts, edits.concepts)
     erased: list[int] = []
     try:
-        for index, (step, roles) in enumerate(zip(timeline.steps, timeline.roles(len(concepts)))):
+        for step, roles in zip(timeline.steps, timeline.roles(len(concepts))):
             if step.restore:
                 edits.restore([concepts[i] for i in step.restore])
                 erased = [i for i in erased if i not in step.restore]
             if step.erase:
                 edits.erase([concepts[i] for i in step.erase])
                 erased += list(step.erase)
-            yield SceneState(
-                index, step, tuple(concepts[i] for i in sorted(erased)), {concepts[i]: r for i, r in roles.items()}
-            )
+            named_roles = {concepts[i]: role for i, role in roles.items()}
+            yield SceneState(step, tuple(concepts[i] for i in sorted(erased)), named_roles)
     finally:
         if erased:
             edits.restore([concepts[i] for i in erased])

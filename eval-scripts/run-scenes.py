@@ -49,6 +49,7 @@ from torch import nn
 from erasure.bases import normalise_prompt
 from erasure.classes import class_mapping
 from erasure.classifier import ImageClassifier, load_classifier, read_images
+from erasure.cli import run_script
 from erasure.files import check_writable
 from erasure.increments import ConceptIncrement, load_any, slugify, verify
 from erasure.loading import add_model_arguments, load_model_from_args, model_fingerprint
@@ -381,7 +382,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:  # this project's input errors name their fix
-        raise SystemExit(f"run-scenes.py: error: {error}") from None
+    run_script(main)

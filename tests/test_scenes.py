@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from erasure.bases import compute_bases
+from erasure.classifier import predict
 from erasure.increments import (
     ConceptIncrement,
     attach_increment,
@@ -47,6 +48,7 @@ from erasure.scenes import (
     scene_markdown,
     scene_record,
 )
+from erasure.toy.oracle import load_oracle
 from erasure.toy.world import ARTISTS
 from erasure.weight_differences import WeightDifference, WeightDifferenceError
 from test_classifier import last_json, load_script
@@ -316,3 +318,10 @@ def test_run_scenes_baseline_names_match_the_driver(
     assert sorted(record["increments"].values()) == [str(path) for path in written] and len(written) == 6
     assert written[0].name == "esd_x-baptiste_keel-lr_1e-5-iter_1-sg_3-ng_1.safetensors"
     assert "separability" not in record and last_json(capsys)["method"] == "esd"
+
+
+def test_oracle_classifier_predicts_like_the_toy_oracle() -> None:
+    classifier = load_script("eval-scripts", "run-scenes").oracle_classifier(None)
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(predict(classifier, images), load_oracle().predict(images * 2 - 1)["artist"])
+    assert classifier.class_index("blank") == 0 and classifier.class_index(ARTISTS[8]) == 9
