@@ -35,8 +35,13 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from erasure.files import ErasureFileError, read_tensors, versions, write_tensors
-from erasure.sampling import write_json
+from erasure.files import (
+    ErasureFileError,
+    read_tensors,
+    versions,
+    write_json,
+    write_tensors,
+)
 from erasure.toy.oracle import SmallCNN
 
 CLASSIFIER_KIND = "image-classifier"

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,27 @@ def check_writable(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds,
+    so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_json(record: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``record`` as indented JSON, atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return Path(path)
+
+
 def write_tensors(
     path: str | Path,
     tensors: Mapping[str, torch.Tensor],
@@ -63,17 +84,10 @@ def write_tensors(
     path = check_writable(path, overwrite)
     if path.suffix != ".safetensors":
         raise ErasureFileError(f"Output file {path} must end in .safetensors (the only format written).")
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {KIND_KEY: kind, FORMAT_KEY: FORMAT_VERSION, JSON_KEY: json.dumps(dict(metadata), sort_keys=True)}
     payload = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(payload, temporary, metadata=header)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_path(path) as temporary:
+        save_file(payload, str(temporary), metadata=header)
     return path
 
 

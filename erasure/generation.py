@@ -30,9 +30,16 @@ from lightning_fabric import Fabric
 from torch import nn
 from tqdm import tqdm
 
+from erasure.files import write_json
 from erasure.loading import resolve_device
 from erasure.prompts import PromptRow
-from erasure.sampling import SAMPLERS, SamplingSettings, sample_images, sampling_settings, save_png, write_json
+from erasure.sampling import (
+    SAMPLERS,
+    SamplingSettings,
+    sample_images,
+    sampling_settings,
+    save_png,
+)
 from erasure.trainers.runtime import FabricOptions, make_fabric
 
 RECORD_FILE = "generation.json"

@@ -28,8 +28,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from erasure.bases import ConceptBasis, basis_from_metadata, basis_metadata, encode_prompts, normalise_prompt
-from erasure.files import check_writable, read_kind, read_tensors, versions, write_tensors
+from erasure.bases import (
+    ConceptBasis,
+    basis_from_metadata,
+    basis_metadata,
+    encode_prompts,
+    normalise_prompt,
+)
+from erasure.files import (
+    check_writable,
+    read_kind,
+    read_tensors,
+    versions,
+    write_tensors,
+)
 from erasure.loading import model_fingerprint, text_encoder_fingerprint
 from erasure.weight_differences import (
     WEIGHT_DIFFERENCE_KIND,

@@ -322,7 +322,9 @@ class NudeNetCounter:
     def __init__(self, threshold: float = 0.6) -> None:
         if not 0 < threshold < 1:
             raise MetricsError(f"NudeNet threshold must be in (0, 1), got {threshold}.")
-        from nudenet import NudeDetector  # onnxruntime starts only when NudeNet is asked for
+        from nudenet import (
+            NudeDetector,  # onnxruntime starts only when NudeNet is asked for
+        )
 
         self.threshold = threshold
         self.detector = NudeDetector()

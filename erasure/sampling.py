@@ -15,9 +15,7 @@ sampler, diffusers' ``LMSDiscreteScheduler`` driven by the model's own output).
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from erasure.files import atomic_path, write_json
 from erasure.loading import model_fingerprint
 from ldm.models.diffusion.ddim import DDIMSampler
 
@@ -236,20 +235,6 @@ def sample_images(
     return ((torch.cat(decoded).float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds,
-    so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def save_png(image: torch.Tensor, path: str | Path) -> Path:
     """Write one [3, H, W] (or [1, H, W]) float image in [0, 1] as an 8-bit PNG, atomically."""
     if image.ndim != 3 or image.shape[0] not in (1, 3):
@@ -259,13 +244,6 @@ def save_png(image: torch.Tensor, path: str | Path) -> Path:
     picture = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
     with atomic_path(path) as temporary:
         picture.save(temporary, format="PNG")
-    return Path(path)
-
-
-def write_json(record: dict, path: str | Path) -> Path:
-    """Write ``record`` as indented JSON, atomically."""
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return Path(path)
 
 

@@ -33,7 +33,12 @@ from erasure.increments import ConceptIncrement, compose, restore
 from erasure.loading import model_fingerprint
 from erasure.metrics import ConceptEvaluator, ConceptMetrics
 from erasure.trainers.report import image_grid
-from erasure.weight_differences import WeightDifference, apply_weight_difference, check_base_model, check_fits
+from erasure.weight_differences import (
+    WeightDifference,
+    apply_weight_difference,
+    check_base_model,
+    check_fits,
+)
 
 ERASED, RESTORED, REGULAR = "erased", "restored", "regular"
 ROLES = (ERASED, RESTORED, REGULAR)

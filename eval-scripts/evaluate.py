@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from erasure.classifier import common_size, load_classifier
-from erasure.files import check_writable
+from erasure.files import atomic_path, check_writable
 from erasure.loading import resolve_device
 from erasure.metrics import (
     FID_FEATURES,
@@ -36,7 +36,6 @@ from erasure.metrics import (
     results_markdown,
     results_record,
 )
-from erasure.sampling import atomic_path
 
 METRICS = ("fid", "lpips", "acc", "nudenet")
 

@@ -27,8 +27,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from erasure.cli import run_script
 from erasure.classes import ClassMapping, mapping_for_config
+from erasure.cli import run_script
 from erasure.generation import (
     GenerationError,
     add_generation_arguments,

@@ -53,7 +53,13 @@ from erasure.cli import run_script
 from erasure.files import check_writable
 from erasure.increments import ConceptIncrement, load_any, slugify, verify
 from erasure.loading import add_model_arguments, load_model_from_args, model_fingerprint
-from erasure.metrics import FID_FEATURES, LPIPS_NETS, ConceptEvaluator, resolve_fid_features, resolve_lpips
+from erasure.metrics import (
+    FID_FEATURES,
+    LPIPS_NETS,
+    ConceptEvaluator,
+    resolve_fid_features,
+    resolve_lpips,
+)
 from erasure.sampling import (
     SamplingSettings,
     atomic_path,

@@ -26,7 +26,6 @@ from erasure.toy.world import CLASS_NAMES, class_prompt
 from erasure.trainers.report import image_grid
 
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)

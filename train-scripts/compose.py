@@ -29,7 +29,6 @@ from erasure.increments import (
 from erasure.loading import add_model_arguments, load_model_from_args
 
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)

@@ -4,7 +4,7 @@ Flags: python train-scripts/train-esd.py --help. Defaults are METHOD.md's refere
 processes and devices: --accelerator, --devices, --num_nodes, --strategy (Lightning Fabric).
 """
 
-from erasure.trainers.cli import main, run_esd, esd_parser
+from erasure.trainers.cli import esd_parser, main, run_esd
 
 if __name__ == "__main__":
     main(run_esd, esd_parser())

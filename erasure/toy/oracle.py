@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from erasure.toy import TOY_DIR
-from erasure.toy.render import render_batch, random_scene
+from erasure.toy.render import random_scene, render_batch
 from erasure.toy.world import CLASS_NAMES, COLOURS, OBJECTS
 
 TASKS: dict[str, tuple[str, ...]] = {"artist": CLASS_NAMES, "object": OBJECTS, "colour": COLOURS}

@@ -12,6 +12,7 @@ compares the same noise.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,9 +70,11 @@ def measure_quality(
 
     artist_accuracy = {}
     for class_id, name in enumerate(CLASS_NAMES):
+        started = time.perf_counter()
         predicted = predict([class_prompt(class_id)] * num_samples, seed + class_id * SEED_STRIDE)["artist"]
         artist_accuracy[name] = float((predicted == class_id).float().mean())
-        progress(f"{name or 'blank'}: {artist_accuracy[name]:.2f}")
+        progress(f"{name}: accuracy {artist_accuracy[name]:.2f} "
+                 f"({num_samples} samples in {time.perf_counter() - started:.1f} s)")
     prompts, artists, objects, colours = attribute_prompts(num_samples)
     predicted = predict(prompts, seed + len(CLASS_NAMES) * SEED_STRIDE)
     return QualityReport(

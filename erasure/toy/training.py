@@ -35,9 +35,15 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig
 
+from erasure.files import atomic_path
 from erasure.toy import REPO_ROOT
-from erasure.toy.render import render_batch, random_scene
-from erasure.toy.tokenizer import END_TOKEN, START_TOKEN, load_tokenizer, write_tokenizer
+from erasure.toy.render import random_scene, render_batch
+from erasure.toy.tokenizer import (
+    END_TOKEN,
+    START_TOKEN,
+    load_tokenizer,
+    write_tokenizer,
+)
 from erasure.toy.world import ARTISTS, BLANK_PROMPT, NUM_CLASSES
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.ema import LitEma
@@ -202,15 +208,13 @@ def _repo_relative(path: Path) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
 
 
 class ToyTrainer:

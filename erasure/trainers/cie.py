@@ -15,7 +15,12 @@ from lightning_fabric import Fabric
 from torch import nn
 
 from erasure.losses import concept_representation, direction_loss, l1_regulariser
-from erasure.trainers.loop import StepLoss, TrainingConfig, predict_eps, training_settings
+from erasure.trainers.loop import (
+    StepLoss,
+    TrainingConfig,
+    predict_eps,
+    training_settings,
+)
 from erasure.trainers.runtime import TrainingSetupError
 from erasure.trainers.weights import WeightTrainer, cross_attention_parameters
 

@@ -26,14 +26,19 @@ from erasure.files import check_writable
 from erasure.increments import save_increment, slugify
 from erasure.loading import add_model_arguments, load_model
 from erasure.sampling import sampling_settings
+from erasure.toy.oracle import load_oracle
+from erasure.toy.world import ARTISTS, CLASS_NAMES, NUM_CLASSES, class_prompt
 from erasure.trainers import cie, esd, sepce
 from erasure.trainers.data import concept_latents, default_data_dir, ensure_generated
 from erasure.trainers.loop import ConceptTrainer, TrainingConfig
 from erasure.trainers.report import before_after_report, markdown_table, report_paths
-from erasure.trainers.runtime import TrainingSetupError, add_fabric_arguments, fabric_options_from_args, make_fabric
+from erasure.trainers.runtime import (
+    TrainingSetupError,
+    add_fabric_arguments,
+    fabric_options_from_args,
+    make_fabric,
+)
 from erasure.trainers.weights import WeightTrainer
-from erasure.toy.oracle import load_oracle
-from erasure.toy.world import ARTISTS, CLASS_NAMES, NUM_CLASSES, class_prompt
 from erasure.weight_differences import save_weight_difference
 
 DEFAULT_NUM_IMAGES = 100

@@ -20,9 +20,18 @@ from torch import nn
 
 from erasure.losses import MomentumStopper
 from erasure.sampling import latent_shape
-from erasure.trainers.loop import StepLoss, TrainingConfig, predict_eps, training_settings
+from erasure.trainers.loop import (
+    StepLoss,
+    TrainingConfig,
+    predict_eps,
+    training_settings,
+)
 from erasure.trainers.runtime import TrainingSetupError
-from erasure.trainers.weights import WeightTrainer, cross_attention_parameters, non_cross_attention_parameters
+from erasure.trainers.weights import (
+    WeightTrainer,
+    cross_attention_parameters,
+    non_cross_attention_parameters,
+)
 from ldm.models.diffusion.ddim import DDIMSampler
 
 DEFAULT_LR = 1e-5

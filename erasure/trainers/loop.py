@@ -24,7 +24,13 @@ from tqdm import tqdm
 from erasure.increments import slugify
 from erasure.losses import MomentumStopper
 from erasure.trainers.checkpoint import TrainingState, load_checkpoint, save_checkpoint
-from erasure.trainers.runtime import TrainingSetupError, average_gradients, global_mean, local_rows, step_generator
+from erasure.trainers.runtime import (
+    TrainingSetupError,
+    average_gradients,
+    global_mean,
+    local_rows,
+    step_generator,
+)
 from ldm.models.diffusion.ddim import DDIMSampler
 
 

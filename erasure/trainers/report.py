@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from erasure.bases import normalise_prompt
-from erasure.sampling import sample_images, save_png, write_json
+from erasure.files import write_json
+from erasure.sampling import sample_images, save_png
 from ldm.modules.incremental_linear import increments_disabled
 
 GRID_PADDING = 2

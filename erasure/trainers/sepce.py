@@ -24,10 +24,27 @@ from lightning_fabric import Fabric
 from torch import nn
 
 from erasure.bases import ConceptBasis
-from erasure.increments import ConceptIncrement, attach_increment, cross_attention_kv, extract_increment, slugify
+from erasure.increments import (
+    ConceptIncrement,
+    attach_increment,
+    cross_attention_kv,
+    extract_increment,
+    slugify,
+)
 from erasure.loading import model_fingerprint
-from erasure.losses import concept_representation, direction_product, joint_weights, l1_regulariser
-from erasure.trainers.loop import ConceptTrainer, StepLoss, TrainingConfig, predict_eps, training_settings
+from erasure.losses import (
+    concept_representation,
+    direction_product,
+    joint_weights,
+    l1_regulariser,
+)
+from erasure.trainers.loop import (
+    ConceptTrainer,
+    StepLoss,
+    TrainingConfig,
+    predict_eps,
+    training_settings,
+)
 from erasure.trainers.runtime import TrainingSetupError, global_sum
 from ldm.modules.incremental_linear import increments_disabled
 
