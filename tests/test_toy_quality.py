@@ -1,0 +1,42 @@
+"""eval-scripts/toy-quality.py on the shipped toy model: the table and the JSON last line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from erasure.toy.quality import attribute_prompts
+from erasure.toy.world import ARTISTS, CLASS_NAMES, COLOURS, OBJECTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_attribute_prompts_cover_every_artist_colour_and_object() -> None:
+    prompts, artists, objects, colours = attribute_prompts(len(ARTISTS) * len(COLOURS) * len(OBJECTS))
+    assert len(set(prompts)) == len(prompts) == 144
+    assert set(artists) == set(range(1, 10)) and set(objects) == {0, 1, 2, 3} and set(colours) == {0, 1, 2, 3}
+    first = prompts[0].split(" by ")
+    assert first[1] == ARTISTS[artists[0] - 1] and first[0] == f"a {COLOURS[colours[0]]} {OBJECTS[objects[0]]}"
+
+
+def test_toy_quality_script_prints_the_table_and_a_json_last_line(tmp_path: Path) -> None:
+    grid = tmp_path / "grid.png"
+    result = subprocess.run(
+        [sys.executable, "eval-scripts/toy-quality.py", "--num_samples", "2", "--grid", str(grid), "--grid_columns", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("Using the embedded toy model")
+    report = json.loads(lines[-1])
+    assert list(report["artist"]) == list(CLASS_NAMES)
+    assert all(0.0 <= value <= 1.0 for value in [*report["artist"].values(), report["object"], report["colour"]])
+    assert grid.is_file() and grid.stat().st_size > 0
+
+
+def test_toy_quality_refuses_bad_numbers() -> None:
+    result = subprocess.run([sys.executable, "eval-scripts/toy-quality.py", "--num_samples", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--num_samples" in result.stderr
