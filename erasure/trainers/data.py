@@ -18,6 +18,7 @@ from torch import nn
 from erasure.increments import slugify
 from erasure.loading import REPO_ROOT, model_fingerprint
 from erasure.sampling import SamplingSettings, generate_concept_images
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GENERATED_ROOT = REPO_ROOT / "data" / "generated"
@@ -85,7 +86,7 @@ def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     latents = []
     for chunk in images.split(ENCODE_BATCH):
         posterior = model.encode_first_stage(chunk.to(device))
-        mode = posterior.mode() if hasattr(posterior, "mode") else posterior
+        mode = posterior.mode() if isinstance(posterior, DiagonalGaussianDistribution) else posterior
         latents.append(model.get_first_stage_encoding(mode).float())
     return torch.cat(latents)
 
