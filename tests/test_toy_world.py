@@ -20,6 +20,7 @@ from erasure.toy.training import (
     ToyTrainer,
     learning_rate,
     load_toy_config,
+    loss_weights,
     sample_batch,
     write_text_encoder_dir,
 )
@@ -171,6 +172,18 @@ def test_learning_rate_warms_up_and_decays() -> None:
     assert learning_rate(99, cfg) == pytest.approx(1e-3)
     assert learning_rate(550, cfg) == pytest.approx(0.55e-3)
     assert learning_rate(999, cfg) == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_loss_weights_clamp_the_snr_in_x0_space() -> None:
+    snr = torch.tensor([1e-6, 0.5, 3.0, 100.0])
+    # v error = x0 error * sqrt(SNR + 1): the x0-space weight is clamp(SNR, floor, gamma)
+    x0_space = loss_weights(snr, "v", 5.0, 1.0) * (snr + 1)
+    assert torch.allclose(x0_space, torch.tensor([1.0, 1.0, 3.0, 5.0]))
+    assert torch.allclose(loss_weights(snr, "v", 5.0) * (snr + 1), torch.tensor([1e-6, 0.5, 3.0, 5.0]))
+    assert torch.allclose(loss_weights(snr, "x0", 5.0, 1.0), torch.tensor([1.0, 1.0, 3.0, 5.0]))
+    assert torch.allclose(loss_weights(snr, "eps", 5.0) * snr, torch.tensor([1e-6, 0.5, 3.0, 5.0]))
+    with pytest.raises(ValueError, match="snr_weight_floor.*v or x0"):
+        loss_weights(snr, "eps", 5.0, 1.0)
 
 
 def test_training_config_rejects_unknown_keys() -> None:

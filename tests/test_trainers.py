@@ -12,17 +12,25 @@ import numpy as np
 import pytest
 import torch
 from lightning_fabric import Fabric
+from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
-from omegaconf import OmegaConf
 from torch import nn
+from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
 
 from erasure.bases import compute_bases
+from erasure.classes import SD_ARTISTS
 from erasure.increments import cross_attention_kv, load_increment, restore, slugify
+from erasure.loading import load_model
 from erasure.trainers import cli
 from erasure.trainers.checkpoint import CheckpointError
 from erasure.trainers.cie import CiETrainer
-from erasure.trainers.data import TrainingDataError, concept_latents, image_files, read_images
+from erasure.trainers.data import (
+    TrainingDataError,
+    concept_latents,
+    image_files,
+    read_images,
+)
 from erasure.trainers.esd import ESDTrainer
 from erasure.trainers.loop import NonFiniteLossError, TrainingConfig, predict_eps
 from erasure.trainers.report import before_after_report, markdown_table, report_paths
@@ -37,7 +45,6 @@ from erasure.trainers.runtime import (
 from erasure.trainers.sepce import SepCETrainer
 from erasure.weight_differences import load_weight_difference
 from ldm.modules.incremental_linear import increments_disabled
-from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
 
 CONCEPTS = ["a red", "b blue"]
 IMAGES_PER_CONCEPT = 3
@@ -405,6 +412,16 @@ def test_sepce_script_writes_named_increments_and_one_json_line(
     assert increment.metadata["training"]["steps"] == 2 and increment.metadata["settings"]["lr"] == 0.1
     with pytest.raises(ValueError, match="already exists"):
         cli.run_sepce(fabric, args)
+
+
+def test_sepce_protects_the_other_classes_on_request(model_files: tuple[Path, Path]) -> None:
+    model = load_model(*model_files)
+    parser = cli.sepce_parser()
+    on = cli_args(parser, model_files, "--concepts", "van gogh", "--protect", "Picasso", "--protect_classes")
+    assert cli.class_prompts_to_protect(model, on) == list(SD_ARTISTS[2:])  # not the concept, "" or --protect again
+    assert cli.class_prompts_to_protect(model, cli_args(parser, model_files)) == []  # off by default beyond the toy model
+    toy_default = parser.parse_args(["--concepts", "tamsin brack"])
+    assert cli.uses_toy_model(toy_default) and toy_default.protect_classes is None
 
 
 def test_cie_script_generates_missing_images_once(

@@ -1,10 +1,13 @@
 """Training of the toy text-to-image model: reproducible, config-driven and resumable.
 
 Design choices (see configs/toy/toy-ldm.yaml for the numbers) and why:
-- v-prediction on a cosine schedule with min-SNR-gamma loss weights: a first probe with
-  eps-prediction on a linear schedule learnt textures but not global tone (grey/pink instead of
-  white backgrounds) after 52 minutes; v-prediction keeps the high-noise steps, where tone is
-  decided, well posed, and min-SNR stops the easy low-noise steps from dominating the gradient.
+- v-prediction on a cosine schedule: a first probe with eps-prediction on a linear schedule
+  learnt textures but not global tone (grey/pink instead of white backgrounds) after 52 minutes;
+  v-prediction keeps the high-noise steps, where tone is decided, well posed.
+- Loss weights, in x0 space, clamp(SNR, floor, gamma): min-SNR-gamma stops the easy low-noise
+  steps from dominating, and the floor (Salimans & Ho's truncated SNR) keeps the high-noise steps
+  weighted. Without the floor (plain min-SNR, weight = SNR there) a 3,000-step model ignored
+  colour and object words completely: they only matter where the image is still mostly noise.
 - The empty prompt is trained as its own class (the blank style), never as random caption
   dropout, because the probe's dropout made "" produce a mixture of styles.
 - The text encoder (a small CLIPTextModel inside FrozenCLIPEmbedder) is trained jointly and
@@ -79,6 +82,7 @@ class TrainingConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
+    snr_weight_floor: float = 1.0
     bare_artist_fraction: float = 0.4
     empty_prompt_fraction: float = 0.5
     checkpoint_minutes: float = 5.0
@@ -171,23 +175,33 @@ def learning_rate(step: int, cfg: TrainingConfig) -> float:
     return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def loss_weights(snr: torch.Tensor, parameterization: str, min_snr_gamma: float,
+                 snr_weight_floor: float = 0.0) -> torch.Tensor:
+    """Per-sample weights of a parameterization's squared error such that, in x0 space, every
+    timestep counts clamp(SNR, snr_weight_floor, min_snr_gamma) (an x0 error e is an eps error
+    e * sqrt(SNR) and a v error e * sqrt(SNR + 1))."""
+    if snr_weight_floor > 0 and parameterization == "eps":
+        raise ValueError("snr_weight_floor > 0 needs v or x0 parameterization: an eps loss cannot be "
+                         "weighted up at SNR -> 0; set training.snr_weight_floor: 0 or parameterization: v")
+    x0_weight = torch.clamp(snr, min=snr_weight_floor, max=min_snr_gamma)
+    if parameterization == "v":
+        return x0_weight / (snr + 1)
+    if parameterization == "eps":
+        return x0_weight / snr
+    return x0_weight
+
+
 def diffusion_loss(model: LatentDiffusion, images: torch.Tensor, context: torch.Tensor,
-                   generator: torch.Generator, min_snr_gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weighted loss of the model's parameterization at uniform random timesteps."""
+                   generator: torch.Generator, min_snr_gamma: float, snr_weight_floor: float = 0.0) -> torch.Tensor:
+    """Weighted (see ``loss_weights``) loss of the model's parameterization at uniform random timesteps."""
     z0 = model.get_first_stage_encoding(model.encode_first_stage(images))
     t = torch.randint(0, model.num_timesteps, (z0.shape[0],), generator=generator).to(z0.device)
     noise = torch.randn(z0.shape, generator=generator).to(z0.device)
     z_t = model.q_sample(z0, t, noise)
     prediction = model.apply_model(z_t, t, context)
     abar = model.alphas_cumprod[t]
-    snr = abar / (1 - abar)
-    clipped = torch.clamp(snr, max=min_snr_gamma)
-    if model.parameterization == "v":
-        target, weight = model.get_v(z0, noise, t), clipped / (snr + 1)
-    elif model.parameterization == "eps":
-        target, weight = noise, clipped / snr
-    else:
-        target, weight = z0, clipped
+    weight = loss_weights(abar / (1 - abar), model.parameterization, min_snr_gamma, snr_weight_floor)
+    target = {"v": lambda: model.get_v(z0, noise, t), "eps": lambda: noise, "x0": lambda: z0}[model.parameterization]()
     per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))
     return (weight * per_sample).mean()
 
@@ -313,7 +327,8 @@ class ToyTrainer:
         distinct = sorted(set(prompts))
         rows = torch.tensor([distinct.index(p) for p in prompts])
         context = self.model.get_learned_conditioning(distinct)[rows.to(self.model.device)]
-        loss = diffusion_loss(self.model, images.to(self.model.device), context, generator, self.cfg.min_snr_gamma)
+        loss = diffusion_loss(self.model, images.to(self.model.device), context, generator,
+                              self.cfg.min_snr_gamma, self.cfg.snr_weight_floor)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.grad_clip)

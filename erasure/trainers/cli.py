@@ -21,7 +21,14 @@ from typing import Any
 from lightning_fabric import Fabric
 from torch import nn
 
-from erasure.bases import DEFAULT_MIN_DIMS, DEFAULT_RTOL, compute_bases
+from erasure.bases import (
+    BLANK_PROMPT,
+    DEFAULT_MIN_DIMS,
+    DEFAULT_RTOL,
+    compute_bases,
+    normalise_prompt,
+)
+from erasure.classes import class_mapping
 from erasure.files import check_writable
 from erasure.increments import save_increment, slugify
 from erasure.loading import add_model_arguments, load_model
@@ -217,6 +224,12 @@ def sepce_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--mode", choices=("joint", "sequential"), default="joint", help="train together or one by one")
     parser.add_argument("--protect", nargs="*", default=[], help="extra prompts every increment must leave unchanged")
+    parser.add_argument(
+        "--protect_classes", action=argparse.BooleanOptionalAction, default=None,
+        help="also protect the model's other evaluation classes (METHOD.md §4: the other artists) -- the 'known "
+        "concepts' of §2. Default: on for the embedded toy model (9 artists x 15 tokens fit its null space), off "
+        "for SD (about 76 rows per prompt at width 768 leave room for only a handful)",
+    )
     parser.add_argument("--beta", type=float, default=sepce.DEFAULT_BETA, help="increment scale (default: 1e-4)")
     parser.add_argument("--lam", type=float, default=sepce.DEFAULT_LAMBDA, help="L1 weight lambda (default: 1e-6)")
     parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="null-space rank tolerance (default: 1e-6)")
@@ -246,8 +259,12 @@ def run_sepce(fabric: Fabric, args: argparse.Namespace) -> dict[str, Any]:
         list(files.values()), stem.with_name(stem.name + CHECKPOINT_SUFFIX), report_paths(stem) if report else ()
     )
     model = context.load()
+    classes = class_prompts_to_protect(model, args)
+    if classes:
+        context.say(f"Also protecting the model's other classes {classes} (--no-protect_classes turns this off).")
+    protected = [*args.protect, *classes]
     bases = compute_bases(
-        model, args.concepts, args.protect, rtol=args.rtol, min_dims=args.min_dims, sequential=args.mode == "sequential"
+        model, args.concepts, protected, rtol=args.rtol, min_dims=args.min_dims, sequential=args.mode == "sequential"
     )
     for concept, basis in bases.items():
         context.say(f"Basis of {concept!r}: {basis.dims} dimensions, protects {len(basis.protected_prompts)} prompts.")
@@ -263,6 +280,15 @@ def run_sepce(fabric: Fabric, args: argparse.Namespace) -> dict[str, Any]:
         return written + (toy_report(context, stem) if report else [])
 
     return context.finish(trainer, write)
+
+
+def class_prompts_to_protect(model: nn.Module, args: argparse.Namespace) -> list[str]:
+    """The other evaluation classes' prompts when --protect_classes is on (by default: on the toy model)."""
+    enabled = uses_toy_model(args) if args.protect_classes is None else args.protect_classes
+    if not enabled:
+        return []
+    taken = {normalise_prompt(p) for p in [*args.concepts, *args.protect, BLANK_PROMPT]}
+    return [p for p in class_mapping(model).prompts if normalise_prompt(p) not in taken]
 
 
 def uses_toy_model(args: argparse.Namespace) -> bool:
