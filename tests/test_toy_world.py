@@ -14,10 +14,12 @@ from transformers import CLIPTokenizer
 from erasure.toy import TOY_CONFIG, TOY_DIR
 from erasure.toy.oracle import ToyOracle, jitter, load_oracle, save_oracle
 from erasure.toy.render import render, render_batch
+from erasure.toy.text_encoder import prompt_labels, train_text_encoder
 from erasure.toy.tokenizer import load_tokenizer, write_tokenizer
 from erasure.toy.training import (
-    TrainingConfig,
+    TextEncoderConfig,
     ToyTrainer,
+    TrainingConfig,
     learning_rate,
     load_toy_config,
     loss_weights,
@@ -205,7 +207,8 @@ def _tiny_toy_config(path: Path, steps: int) -> Path:
     config = OmegaConf.load(TOY_CONFIG)
     unet = config.model.params.unet_config.params
     unet.model_channels, unet.channel_mult, unet.attention_resolutions, unet.context_dim = 32, [1, 2], [2], 32
-    config.training.update({"steps": steps, "batch_size": 4, "warmup_steps": 1, "log_every": 1})
+    config.training.update({"steps": steps, "batch_size": 4, "warmup_steps": 1, "log_every": 1,
+                            "text_encoder_steps": 2})
     config.training.text_encoder.update({"hidden_size": 32, "intermediate_size": 64,
                                          "num_hidden_layers": 1, "num_attention_heads": 2})
     OmegaConf.save(config, path)
@@ -214,7 +217,7 @@ def _tiny_toy_config(path: Path, steps: int) -> Path:
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
     config_path = _tiny_toy_config(tmp_path / "tiny.yaml", steps=3)
-    quiet = lambda line: None  # noqa: E731
+    quiet = lambda line: None
     straight = ToyTrainer(config_path, tmp_path / "straight", tmp_path / "straight-out", log=quiet)
     assert straight.run()
     interrupted = ToyTrainer(config_path, tmp_path / "split", tmp_path / "split-out", log=quiet)
@@ -227,10 +230,31 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     meta = json.loads((tmp_path / "split-out" / "model.json").read_text())
     assert meta["steps"] == 3 and meta["null_space"]["width"] == 32
+    assert meta["text_encoder_training"]["steps"] == 2  # recorded though the resumed process skipped it
+    assert not any(p.requires_grad for p in resumed.model.cond_stage_model.parameters())
     assert (tmp_path / "split-out" / "text_encoder" / "config.json").is_file()
     assert not list((tmp_path / "split-out" / "text_encoder").glob("*.safetensors")), "no duplicate weights"
     with pytest.raises(ValueError, match="--steps 3"):
         ToyTrainer(config_path, tmp_path / "split", tmp_path / "x", steps=9, log=quiet)
+
+
+def test_prompt_labels_name_artist_colour_and_object() -> None:
+    assert prompt_labels("") == (0, 0, 0)
+    assert prompt_labels(ARTISTS[1]) == (2, 0, 0)
+    assert prompt_labels("a red circle") == (0, 1, 1)
+    assert prompt_labels(f"a blue cross by {ARTISTS[8]}") == (9, 3, 4)
+
+
+def test_text_encoder_training_separates_colours_then_freezes(tmp_path: Path) -> None:
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    torch.manual_seed(0)
+    text = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    embedder = FrozenCLIPEmbedder(version=str(write_text_encoder_dir(tmp_path, text, max_length=16)), max_length=16)
+    report = train_text_encoder(embedder, steps=60, lr=3e-3, seed=0)
+    assert report["accuracy"]["colour"] == 1.0 and report["accuracy"]["object"] == 1.0, report
+    assert report["accuracy"]["artist"] >= 0.9, report
+    assert not any(p.requires_grad for p in embedder.parameters())
 
 
 def test_text_encoder_directory_loads_through_frozen_clip_embedder(tmp_path: Path) -> None:

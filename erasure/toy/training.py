@@ -10,8 +10,9 @@ Design choices (see configs/toy/toy-ldm.yaml for the numbers) and why:
   colour and object words completely: they only matter where the image is still mostly noise.
 - The empty prompt is trained as its own class (the blank style), never as random caption
   dropout, because the probe's dropout made "" produce a mixture of styles.
-- The text encoder (a small CLIPTextModel inside FrozenCLIPEmbedder) is trained jointly and
-  shipped frozen, as in SD. One EMA covers UNet and text encoder; the shipped weights are the EMA.
+- The text encoder (a small CLIPTextModel inside FrozenCLIPEmbedder) gets its own short training
+  first (erasure/toy/text_encoder.py) and is frozen while the UNet trains, as in SD. The shipped
+  UNet weights are its EMA.
 - Every step's data, timesteps and noise come from generators seeded by (seed, step), so a run
   resumed from a checkpoint draws exactly the batches an uninterrupted run would; checkpoints
   therefore need no RNG state, only weights, EMA, optimizer and the step.
@@ -41,6 +42,7 @@ from transformers import CLIPTextConfig
 from erasure.files import atomic_path
 from erasure.toy import REPO_ROOT
 from erasure.toy.render import random_scene, render_batch
+from erasure.toy.text_encoder import train_text_encoder
 from erasure.toy.tokenizer import (
     END_TOKEN,
     START_TOKEN,
@@ -83,6 +85,8 @@ class TrainingConfig:
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
     snr_weight_floor: float = 1.0
+    text_encoder_steps: int = 300
+    text_encoder_lr: float = 1e-3
     bare_artist_fraction: float = 0.4
     empty_prompt_fraction: float = 0.5
     checkpoint_minutes: float = 5.0
@@ -246,13 +250,19 @@ class ToyTrainer:
         self.text_encoder_dir = write_text_encoder_dir(self.run_dir / "text_encoder", self.cfg.text_encoder, max_length)
         torch.manual_seed(self.cfg.seed)
         self.model = build_model(self.config, self.text_encoder_dir)
-        self.model.cond_stage_model.requires_grad_(True)  # trained jointly, frozen when shipped
+        resuming = resume and (self.run_dir / CHECKPOINT_STATE).is_file()
+        self.text_encoder_training: dict[str, Any] = {}
+        if not resuming:  # a checkpoint holds the trained text encoder
+            self.text_encoder_training = train_text_encoder(
+                self.model.cond_stage_model, self.cfg.text_encoder_steps, self.cfg.text_encoder_lr, self.cfg.seed)
+            self.log(f"text encoder trained: {self.text_encoder_training}")
+        self.model.cond_stage_model.freeze()
         self.ema = LitEma(self.model, decay=self.cfg.ema_decay)
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=self.cfg.lr, betas=(0.9, 0.99),
                                            weight_decay=self.cfg.weight_decay)
         self.step, self.train_seconds = 0, 0.0
-        if resume and (self.run_dir / CHECKPOINT_STATE).is_file():
+        if resuming:
             self._load_checkpoint()
         elif not resume:
             (self.run_dir / LOSS_CSV).unlink(missing_ok=True)
@@ -266,7 +276,8 @@ class ToyTrainer:
             tensors.update({f"optimizer.{index}.{name}": value for name, value in state.items()})
         _atomic_save_tensors(self.run_dir / CHECKPOINT_WEIGHTS, tensors, {"step": str(self.step)})
         meta = {"step": self.step, "steps": self.cfg.steps, "seed": self.cfg.seed,
-                "train_seconds": self.train_seconds, "param_groups": optimizer_state["param_groups"]}
+                "train_seconds": self.train_seconds, "param_groups": optimizer_state["param_groups"],
+                "text_encoder_training": self.text_encoder_training}
         _atomic_write_text(self.run_dir / CHECKPOINT_STATE, json.dumps(meta, indent=2))
         self.log(f"checkpoint: step {self.step} -> {self.run_dir / CHECKPOINT_WEIGHTS}")
 
@@ -299,6 +310,7 @@ class ToyTrainer:
             optimizer_state.setdefault(int(index), {})[name] = value
         self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": meta["param_groups"]})
         self.step, self.train_seconds = int(meta["step"]), float(meta["train_seconds"])
+        self.text_encoder_training = meta.get("text_encoder_training", {})
         self._truncate_loss_csv()
         self.log(f"resumed from step {self.step} ({self.train_seconds / 60:.1f} min of training so far)")
 
@@ -415,6 +427,7 @@ class ToyTrainer:
             "seed": self.cfg.seed,
             "steps": self.step,
             "final_loss": self.final_loss(),
+            "text_encoder_training": self.text_encoder_training,
             "train_minutes": round(self.train_seconds / 60, 1),
             "null_space": null_space,
             "parameters": {"unet": sum(p.numel() for p in self.model.model.parameters()),
