@@ -2,11 +2,15 @@
 
     python eval-scripts/toy-quality.py --num_samples 100 --seed 1000000
     python eval-scripts/toy-quality.py --apply outputs/sepce-*.safetensors   # an erased model
+    python eval-scripts/toy-quality.py --apply F... --compare  # before and after, same seeds
 
 Samples N images of every class prompt ("" = blank, then the 9 artist names) and N images of
 `a {colour} {object} by {artist}` prompts with the model's default sampler (configs/toy's
 `sampling:` section), classifies them with models/toy/oracle.safetensors and prints a table;
 the last line is one JSON object {"artist": {class: accuracy}, "object": acc, "colour": acc}.
+With --compare (needs --apply) the model is measured before and after applying the files, with the
+same seeds; the table shows both, and the JSON adds "before" (the same fields) and
+"max_abs_pixel_change" (per class: the largest pixel difference, images in [0, 1]).
 """
 
 from __future__ import annotations
@@ -16,12 +20,21 @@ import json
 import time
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from erasure.cli import run_script
 from erasure.increments import apply_any, load_any
 from erasure.loading import add_model_arguments, load_model_from_args
 from erasure.sampling import sample_images, save_png
 from erasure.toy.oracle import load_oracle
-from erasure.toy.quality import markdown_table, measure_quality
+from erasure.toy.quality import (
+    QualityReport,
+    comparison_table,
+    markdown_table,
+    max_pixel_changes,
+    measure_quality,
+)
 from erasure.toy.world import CLASS_NAMES, class_prompt
 from erasure.trainers.report import image_grid
 
@@ -32,12 +45,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_samples", type=int, default=100, help="samples per class and attribute prompts (default 100)")
     parser.add_argument("--seed", type=int, default=1_000_000, help="first sampling seed; held out from training (default 1000000)")
     parser.add_argument("--apply", nargs="+", default=[], metavar="FILE", help="increments / weight differences to apply first")
+    parser.add_argument("--compare", action="store_true", help="measure before and after --apply, same seeds")
     parser.add_argument("--batch_size", type=int, default=50)
     parser.add_argument("--grid", type=Path, help="also write a PNG grid, one row of samples per class")
     parser.add_argument("--grid_columns", type=int, default=8)
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1 or args.grid_columns < 1:
         parser.error("--num_samples, --batch_size and --grid_columns must be >= 1")
+    if args.compare and not args.apply:
+        parser.error("--compare measures a model before and after --apply; pass the files with --apply")
     return args
 
 
@@ -48,15 +64,28 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if args.apply:
         apply_any(model, [load_any(path) for path in args.apply])
     oracle = load_oracle()
-    report = measure_quality(model, oracle, args.num_samples, args.seed, args.batch_size,
-                             progress=lambda message: print(message, flush=True))
-    print(markdown_table(report, args.num_samples))
+
+    def measure(measured: nn.Module, images: dict[str, torch.Tensor]) -> QualityReport:
+        return measure_quality(measured, oracle, args.num_samples, args.seed, args.batch_size,
+                               progress=lambda message: print(message, flush=True), images=images)
+
+    after_images: dict[str, torch.Tensor] = {}
+    report = measure(model, after_images)
+    result: dict[str, object] = report.as_json()
+    if args.compare:  # the unedited model, loaded afresh: exact whatever the files were
+        print("Measuring the model without --apply (same seeds):", flush=True)
+        before_images: dict[str, torch.Tensor] = {}
+        before = measure(load_model_from_args(args), before_images)
+        changes = max_pixel_changes(before_images, after_images)
+        print(comparison_table(before, report, changes, args.num_samples))
+        result.update(before=before.as_json(), max_abs_pixel_change=changes)
+    else:
+        print(markdown_table(report, args.num_samples))
     if args.grid:
         seeds = [args.seed + i for i in range(args.grid_columns)]
         rows = [sample_images(model, [class_prompt(c)] * args.grid_columns, seeds) for c in range(len(CLASS_NAMES))]
         print(f"grid: {save_png(image_grid(rows), args.grid)}")
     print(f"{args.num_samples} samples per class, {time.time() - started:.1f} s")
-    result = report.as_json()
     print(json.dumps(result))
     return result
 

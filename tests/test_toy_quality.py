@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from erasure.toy.quality import attribute_prompts
 from erasure.toy.world import ARTISTS, CLASS_NAMES, COLOURS, OBJECTS
 
@@ -40,3 +42,30 @@ def test_toy_quality_refuses_bad_numbers() -> None:
     result = subprocess.run([sys.executable, "eval-scripts/toy-quality.py", "--num_samples", "0"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "--num_samples" in result.stderr
+
+
+def test_compare_measures_before_and_after_with_the_same_seeds(tmp_path: Path) -> None:
+    from erasure.loading import load_model, model_fingerprint
+    from erasure.weight_differences import WeightDifference, save_weight_difference
+
+    model = load_model(verbose=False)
+    key = next(k for k in model.state_dict() if k.endswith("attn2.to_v.weight"))
+    difference = WeightDifference("test", "vela quorin", {key: torch.full_like(model.state_dict()[key], 0.05)},
+                                  {"base_model_fingerprint": model_fingerprint(model)})
+    path = save_weight_difference(difference, tmp_path / "shift.safetensors")
+    result = subprocess.run(
+        [sys.executable, "eval-scripts/toy-quality.py", "--num_samples", "1", "--apply", str(path), "--compare"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert list(report["before"]["artist"]) == list(CLASS_NAMES)
+    changes = report["max_abs_pixel_change"]
+    assert set(changes) == {*CLASS_NAMES, "attributes"} and max(changes.values()) > 0.01
+    assert "accuracy before (N=1)" in result.stdout
+
+
+def test_compare_needs_apply() -> None:
+    result = subprocess.run([sys.executable, "eval-scripts/toy-quality.py", "--compare"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--apply" in result.stderr

@@ -25,6 +25,8 @@ from erasure.toy.world import ARTISTS, CLASS_NAMES, COLOURS, OBJECTS, class_prom
 
 #: Seeds of class c start at seed + c * SEED_STRIDE; the attribute prompts use the next block.
 SEED_STRIDE = 100_000
+#: The key of the `a {colour} {object} by {artist}` samples among measure_quality's images.
+ATTRIBUTES = "attributes"
 
 
 @dataclass(frozen=True)
@@ -58,25 +60,30 @@ def measure_quality(
     seed: int,
     batch_size: int = 50,
     progress: Callable[[str], None] = lambda message: None,
+    images: dict[str, torch.Tensor] | None = None,
 ) -> QualityReport:
-    """Sample with the model's default sampling settings and score the samples with the oracle."""
+    """Sample with the model's default sampling settings and score the samples with the oracle.
+    When ``images`` is given it receives the samples, per class name and under "attributes"."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
 
-    def predict(prompts: list[str], first_seed: int) -> dict[str, torch.Tensor]:
+    def predict(prompts: list[str], first_seed: int, name: str) -> dict[str, torch.Tensor]:
         seeds = [first_seed + i for i in range(len(prompts))]
-        images = sample_images(model, prompts, seeds, batch_size=batch_size)
-        return {task: labels.cpu() for task, labels in oracle.predict(images.to(next(oracle.parameters()).device) * 2 - 1).items()}
+        samples = sample_images(model, prompts, seeds, batch_size=batch_size)
+        if images is not None:
+            images[name] = samples.cpu()
+        labels = oracle.predict(samples.to(next(oracle.parameters()).device) * 2 - 1)
+        return {task: predicted.cpu() for task, predicted in labels.items()}
 
     artist_accuracy = {}
     for class_id, name in enumerate(CLASS_NAMES):
         started = time.perf_counter()
-        predicted = predict([class_prompt(class_id)] * num_samples, seed + class_id * SEED_STRIDE)["artist"]
+        predicted = predict([class_prompt(class_id)] * num_samples, seed + class_id * SEED_STRIDE, name)["artist"]
         artist_accuracy[name] = float((predicted == class_id).float().mean())
         progress(f"{name}: accuracy {artist_accuracy[name]:.2f} "
                  f"({num_samples} samples in {time.perf_counter() - started:.1f} s)")
     prompts, artists, objects, colours = attribute_prompts(num_samples)
-    predicted = predict(prompts, seed + len(CLASS_NAMES) * SEED_STRIDE)
+    predicted = predict(prompts, seed + len(CLASS_NAMES) * SEED_STRIDE, ATTRIBUTES)
     return QualityReport(
         artist=artist_accuracy,
         object=float((predicted["object"] == torch.tensor(objects)).float().mean()),
@@ -92,4 +99,22 @@ def markdown_table(report: QualityReport, num_samples: int) -> str:
         lines.append(f"| {class_id} {name} | `{class_prompt(class_id)!r}` | {report.artist[name]:.2f} |")
     lines.append(f"| - | `a {{colour}} {{object}} by {{artist}}` | object {report.object:.2f}, colour {report.colour:.2f}, "
                  f"artist {report.attribute_artist:.2f} |")
+    return "\n".join(lines)
+
+
+def max_pixel_changes(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per class (and ATTRIBUTES): the largest absolute pixel difference (images in [0, 1]) between
+    two models' samples of the same prompts and seeds."""
+    return {name: float((after[name] - before[name]).abs().max()) for name in before}
+
+
+def comparison_table(before: QualityReport, after: QualityReport, changes: dict[str, float], num_samples: int) -> str:
+    """Per-class accuracy of a model before and after an edit, the change, and the largest pixel change."""
+    lines = [f"| class | accuracy before (N={num_samples}) | after | change | max abs pixel change |",
+             "|---|---|---|---|---|"]
+    for class_id, name in enumerate(CLASS_NAMES):
+        old, new = before.artist[name], after.artist[name]
+        lines.append(f"| {class_id} {name} | {old:.2f} | {new:.2f} | {new - old:+.2f} | {changes[name]:.2g} |")
+    lines.append(f"| `a {{colour}} {{object}} by {{artist}}` | object {before.object:.2f}, colour {before.colour:.2f} | "
+                 f"object {after.object:.2f}, colour {after.colour:.2f} | | {changes[ATTRIBUTES]:.2g} |")
     return "\n".join(lines)
