@@ -424,6 +424,14 @@ def test_sepce_protects_the_other_classes_on_request(model_files: tuple[Path, Pa
     assert cli.uses_toy_model(toy_default) and toy_default.protect_classes is None
 
 
+def test_sepce_learning_rate_defaults_per_model(model_files: tuple[Path, Path]) -> None:
+    parser = cli.sepce_parser()
+    assert cli.sepce_lr(parser.parse_args([])) == cli.TOY_SEPCE_LR
+    assert cli.sepce_lr(cli_args(parser, model_files)) == 0.1  # METHOD.md's reference on any other model
+    assert cli.sepce_lr(parser.parse_args(["--lr", "0.3"])) == 0.3
+    assert "lr_1-" in str(cli.sepce_names(parser.parse_args([]))[1])
+
+
 def test_cie_script_generates_missing_images_once(
     model_files: tuple[Path, Path], fabric: Fabric, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
