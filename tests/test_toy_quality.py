@@ -49,9 +49,10 @@ def test_compare_measures_before_and_after_with_the_same_seeds(tmp_path: Path) -
     from erasure.weight_differences import WeightDifference, save_weight_difference
 
     model = load_model(verbose=False)
-    key = next(k for k in model.state_dict() if k.endswith("attn2.to_v.weight"))
-    difference = WeightDifference("test", "vela quorin", {key: torch.full_like(model.state_dict()[key], 0.05)},
-                                  {"base_model_fingerprint": model_fingerprint(model)})
+    state = model.state_dict()
+    generator = torch.Generator().manual_seed(0)
+    shifts = {k: 0.1 * torch.randn(v.shape, generator=generator) for k, v in state.items() if k.endswith("attn2.to_v.weight")}
+    difference = WeightDifference("test", "vela quorin", shifts, {"base_model_fingerprint": model_fingerprint(model)})
     path = save_weight_difference(difference, tmp_path / "shift.safetensors")
     result = subprocess.run(
         [sys.executable, "eval-scripts/toy-quality.py", "--num_samples", "1", "--apply", str(path), "--compare"],
