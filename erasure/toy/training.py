@@ -85,7 +85,7 @@ class TrainingConfig:
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
     snr_weight_floor: float = 1.0
-    text_encoder_steps: int = 300
+    text_encoder_steps: int = 150
     text_encoder_lr: float = 1e-3
     bare_artist_fraction: float = 0.4
     empty_prompt_fraction: float = 0.5
