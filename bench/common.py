@@ -47,6 +47,7 @@ from erasure.sampling import latent_shape
 from erasure.toy.training import TextEncoderConfig, write_text_encoder_dir
 from erasure.toy.world import ARTISTS
 from erasure.trainers import cie, esd, sepce
+from erasure.trainers.cli import default_lr
 from erasure.trainers.loop import ConceptTrainer, TrainingConfig
 from erasure.trainers.runtime import step_generator
 from ldm.util import instantiate_from_config
@@ -58,8 +59,14 @@ MODEL_NAMES = ("toy", "sd-mid", "sd-tiny")
 MIB = 2**20
 #: The concept every benchmark erases: the first toy artist (its words are in every bench tokenizer).
 CONCEPT = ARTISTS[0]
-#: Trainers by the name the benchmarks report them under, with METHOD.md's learning rates.
-METHOD_LR = {"sepce": sepce.DEFAULT_LR, "cie": cie.DEFAULT_LR, "esd_x": esd.DEFAULT_LR, "esd_u": esd.DEFAULT_LR}
+#: Trainers by the name the benchmarks report them under.
+METHODS = ("sepce", "cie", "esd_x", "esd_u")
+
+
+def method_lr(method: str, model_name: str) -> float:
+    """The training scripts' default learning rate of ``method`` (a METHODS name) on a bench model:
+    the toy model's own on "toy", METHOD.md's reference on the SD-shaped ones."""
+    return default_lr("esd" if method.startswith("esd") else method, toy=model_name == "toy")
 
 
 class BenchError(RuntimeError):
@@ -326,7 +333,7 @@ def make_trainer(
     ddim_steps: int = esd.DEFAULT_DDIM_STEPS,
     lam: float = 0.0,
 ) -> ConceptTrainer:
-    """The library's trainer of ``method`` (a ``METHOD_LR`` key) erasing ``CONCEPT`` from ``model``.
+    """The library's trainer of ``method`` (a ``METHODS`` name) erasing ``CONCEPT`` from ``model``.
 
     SepCE gets the basis protecting "" (``compute_bases``); SepCE and CiE train on ``latents``;
     ``lam`` is the L1 weight of SepCE and CiE (0: the term's cost is the same for every variant).
@@ -339,7 +346,7 @@ def make_trainer(
     if method in ("esd_x", "esd_u"):
         train_method = "xattn" if method == "esd_x" else "noxattn"
         return esd.ESDTrainer(model, fabric, CONCEPT, config, train_method, ddim_steps)
-    raise BenchError(f"Unknown method {method!r}; choose one of {', '.join(METHOD_LR)}.")
+    raise BenchError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
 
 
 def train_step(trainer: ConceptTrainer, optimizer: torch.optim.Optimizer, step: int) -> None:

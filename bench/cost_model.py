@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from common import (
-    METHOD_LR,
+    method_lr,
     add_common_arguments,
     bench_parser,
     bench_config,
@@ -94,10 +94,10 @@ def count_method(method: str, steps: int, ddim_steps: int, seed: int, device: to
     fabric = make_fabric(device)
     latents = random_latents(model, TRAINING_IMAGES, seed)
     if method == "sepce_two_copy":
-        trainer = TwoCopySepCETrainer(model, fabric, latents, bench_config(METHOD_LR["sepce"], seed))
+        trainer = TwoCopySepCETrainer(model, fabric, latents, bench_config(method_lr("sepce", "sd-tiny"), seed))
         unets = [model.model.diffusion_model, trainer.frozen_model.model.diffusion_model]
     else:
-        trainer = make_trainer(method, model, fabric, latents, bench_config(METHOD_LR[method], seed), ddim_steps)
+        trainer = make_trainer(method, model, fabric, latents, bench_config(method_lr(method, "sd-tiny"), seed), ddim_steps)
         unets = [model.model.diffusion_model]
     optimizer = trainer_optimizer(trainer)
     counters = [UNetCallCounter(unet) for unet in unets]

@@ -1,8 +1,9 @@
 """Benchmark 4 (issue 6): wall time until the erased toy artist is gone, SepCE vs CiE vs ESD-x.
 
 On the shipped toy model (models/toy/) each method erases the first toy artist with the
-library's trainer at METHOD.md's settings (SepCE lr 0.1, CiE / ESD-x lr 1e-5, at most 1000
-steps; SepCE and CiE keep their momentum stop, ESD-x has none). Every ``--check_every`` steps the
+library's trainer at the training scripts' toy-model defaults (learning rates:
+``erasure.trainers.cli.DEFAULT_LRS``; at most 1000 steps; SepCE and CiE keep their momentum
+stop, ESD-x has none). Every ``--check_every`` steps the
 clock stops and the toy oracle scores ``--check_samples`` samples of the artist's prompt; the
 method is done when that accuracy is <= 0.20 (or when it stops or reaches its step limit
 without getting there, reported as not reached). Reported per method: training seconds to the
@@ -29,7 +30,7 @@ from torch import nn
 
 from common import (
     CONCEPT,
-    METHOD_LR,
+    method_lr,
     add_common_arguments,
     bench_parser,
     bench_config,
@@ -125,7 +126,7 @@ def main(args: argparse.Namespace) -> None:
     rows, runs = [], {}
     for method in args.methods:
         model = build_model("toy", device)
-        config = bench_config(METHOD_LR[method], args.seed, iterations=max_steps, tau=TAU)
+        config = bench_config(method_lr(method, "toy"), args.seed, iterations=max_steps, tau=TAU)
         trainer = make_trainer(method, model, make_fabric(device), latents, config, lam=LAMBDAS[method])
         run = erase_until(
             trainer, lambda: artist_accuracy(model, oracle, class_id, check_samples, args.seed), THRESHOLD,

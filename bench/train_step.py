@@ -31,7 +31,7 @@ from torch import nn
 
 from common import (
     CONCEPT,
-    METHOD_LR,
+    method_lr,
     MODEL_NAMES,
     add_common_arguments,
     bench_parser,
@@ -97,8 +97,8 @@ def make_variant(variant: str, model_name: str, device: torch.device, seed: int,
     fabric = make_fabric(device)
     latents = random_latents(model, TRAINING_IMAGES, seed)
     if variant == "sepce_two_copy":
-        return TwoCopySepCETrainer(model, fabric, latents, bench_config(METHOD_LR["sepce"], seed))
-    return make_trainer(variant, model, fabric, latents, bench_config(METHOD_LR[variant], seed), ddim_steps)
+        return TwoCopySepCETrainer(model, fabric, latents, bench_config(method_lr("sepce", model_name), seed))
+    return make_trainer(variant, model, fabric, latents, bench_config(method_lr(variant, model_name), seed), ddim_steps)
 
 
 def run_variant_steps(variant: str, model_name: str, device_name: str, seed: int, ddim_steps: int) -> None:

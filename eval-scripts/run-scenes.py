@@ -86,13 +86,13 @@ from erasure.scenes import (
 from erasure.toy import TOY_DIR
 from erasure.toy.oracle import load_oracle
 from erasure.toy.world import ARTISTS, CLASS_NAMES
-from erasure.trainers import cli, esd
+from erasure.trainers import cli
 from erasure.weight_differences import WeightDifference
 
 METHODS = ("sepce", "cie", "esd")
 OUTPUT_ROOT = Path("outputs") / "scenes"
 DEFAULT_NUM_SAMPLES = 16
-DEFAULT_ITERATIONS = 300
+DEFAULT_ITERATIONS = 1000  # the training scripts' default; SepCE and CiE stop earlier by the momentum rule
 DEFAULT_NUM_IMAGES = 50
 DEFAULT_SEED = 1_000_000  # evaluation seeds, far from the training images' seeds 0..num_images-1
 BLANK_FOLDER = "blank"
@@ -135,7 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training = parser.add_argument_group("training of missing increments (the train-scripts' drivers)")
     training.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
                           help=f"step limit per concept (default: {DEFAULT_ITERATIONS})")
-    training.add_argument("--lr", type=float, default=None, help="default: the method's (SepCE 0.1, CiE/ESD 1e-5)")
+    training.add_argument("--lr", type=float, default=None, help="default: the training script's for the method and model (cli.DEFAULT_LRS)")
     training.add_argument("--lam", type=float, default=None, help="L1 weight (SepCE, CiE; default: the method's)")
     training.add_argument("--tau", type=float, default=None, help="momentum stop (SepCE, CiE; default: 1e-4)")
     training.add_argument("--beta", type=float, default=None, help="increment scale (SepCE; default: 1e-4)")
@@ -192,13 +192,10 @@ def _single_namespace(args: argparse.Namespace, device_type: str, concept: str) 
     if args.method == "cie":
         argv = _driver_argv(args, device_type) + _image_argv(args) + _optional(args, "lam", "tau")
         namespace = cli.cie_parser().parse_args(argv + ["--prompt", concept])
-        hyper = {"lr": namespace.lr, "lam": namespace.lam, "tau": namespace.tau}
-        stem = cli.output_name("cie", slugify(concept), hyper)
+        stem = cli.cie_stem(namespace)
     else:
         namespace = cli.esd_parser().parse_args(_driver_argv(args, device_type) + ["--prompt", concept])
-        hyper = {"lr": namespace.lr, "iter": namespace.iterations, "sg": namespace.start_guidance,
-                 "ng": namespace.negative_guidance}
-        stem = cli.output_name(esd.METHOD_NAMES[namespace.train_method], slugify(concept), hyper)
+        stem = cli.esd_stem(namespace)
     return namespace, args.increments_dir / f"{stem}.safetensors"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -424,12 +425,21 @@ def test_sepce_protects_the_other_classes_on_request(model_files: tuple[Path, Pa
     assert cli.uses_toy_model(toy_default) and toy_default.protect_classes is None
 
 
-def test_sepce_learning_rate_defaults_per_model(model_files: tuple[Path, Path]) -> None:
-    parser = cli.sepce_parser()
-    assert cli.sepce_lr(parser.parse_args([])) == cli.TOY_SEPCE_LR
-    assert cli.sepce_lr(cli_args(parser, model_files)) == 0.1  # METHOD.md's reference on any other model
-    assert cli.sepce_lr(parser.parse_args(["--lr", "0.3"])) == 0.3
-    assert "lr_1-" in str(cli.sepce_names(parser.parse_args([]))[1])
+@pytest.mark.parametrize(("method", "make_parser", "reference"), [
+    ("sepce", cli.sepce_parser, 0.1), ("cie", cli.cie_parser, 1e-5), ("esd", cli.esd_parser, 1e-5),
+])
+def test_learning_rate_defaults_per_model(
+    model_files: tuple[Path, Path], method: str, make_parser: Callable[[], argparse.ArgumentParser], reference: float
+) -> None:
+    parser = make_parser()
+    assert cli.method_lr(method, parser.parse_args([])) == cli.DEFAULT_LRS[method].toy
+    assert cli.method_lr(method, cli_args(parser, model_files)) == reference  # METHOD.md's on any other model
+    assert cli.method_lr(method, parser.parse_args(["--lr", "0.3"])) == 0.3
+
+
+def test_sepce_output_names_record_the_resolved_learning_rate() -> None:
+    toy_lr = cli.format_number(cli.DEFAULT_LRS["sepce"].toy)
+    assert f"lr_{toy_lr}-" in str(cli.sepce_names(cli.sepce_parser().parse_args([]))[1])
 
 
 def test_cie_script_generates_missing_images_once(
