@@ -22,15 +22,14 @@ The JSON's "summary" holds the paper's claim in numbers over all steps: the high
 erased class, and the largest ACC gap / FID / LPIPS of restored and regular classes to the
 original. Time steps are labelled as in METHOD.md (Scene1 and Scene2 go t0, t1, t3).
 
-Cost on the toy model, 2 CPU cores (estimated from toy UNet timings on a busy machine, so an
-upper bound): sampling takes 0.3-0.8 s per image (DDIM 25, guidance 3) and FID on the oracle's
-1024-d features 0.5-1 s per class and step. A scene samples 10 classes x --num_samples images
-per step, plus the original's once (cached across scenes and methods, 160 images with the
-default 16): Scene1/2 (3 steps) 480 images, 3-7 min; Scene3 (5 steps) 800, 5-11 min; Scene4
-(6 steps) 960, 5-14 min. The first SepCE run also trains: --num_images 50 training images for
-each of the 6 erased concepts (300 images, 2-4 min, cached) and 300 joint steps (0.2-0.5 s
-each, 1-3 min). ESD-x trains one concept at a time with a partial DDIM sample per step
-(6 x 300 steps, 10-25 min the first time).
+Cost on the toy model, 2 CPU cores shared with two other jobs (so an upper bound): Scene1 with
+SepCE took 13.3 min the first time, 6 of them making 50 training images of each of the six erased
+concepts and training their increments jointly (each protects "" and the 8 other concepts; they
+stop by the momentum rule, at most --iterations); Scene2, reusing them, 6.3 min. Scene3 and Scene4
+sample 5 and 6 steps instead of 3. Sampling is about 0.3 s per image alone (DDIM 25); the
+original model's images are cached across scenes and methods. ESD-x trains one concept at a time
+with a partial DDIM sample per step (about 1 s per step on the toy model): pass --iterations
+(it has no stop rule; 50 erase a toy artist).
 """
 
 from __future__ import annotations
