@@ -35,7 +35,7 @@ import scipy.linalg
 import sympy
 import torch
 
-from common import add_common_arguments, bench_parser, print_json, print_table, run_in_process, run_main, setup, sized
+from common import add_common_arguments, bench_parser, print_json, print_table, progress, run_in_process, run_main, setup, sized
 from erasure.bases import DEFAULT_RTOL, null_space
 
 SPEEDUP_GOAL = 1000.0
@@ -91,6 +91,7 @@ def time_svd(matrix: torch.Tensor, number: int) -> tuple[float, torch.Tensor, in
 
 def bench_size(prompts: int, arithmetic: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     matrix = clip_like_matrix(prompts, args.tokens, args.width, args.seed + prompts)
+    progress(f"{prompts} prompt(s), {matrix.shape[0]} x {matrix.shape[1]}, sympy {arithmetic}")
     rows = matrix.tolist()
     svd_times, sympy_times = [], []
     finished = True

@@ -50,6 +50,8 @@ from erasure.trainers import cie, esd, sepce
 from erasure.trainers.cli import default_lr
 from erasure.trainers.loop import ConceptTrainer, TrainingConfig
 from erasure.trainers.runtime import step_generator
+from ldm.modules.attention import BasicTransformerBlock
+from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.util import instantiate_from_config
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -272,16 +274,27 @@ def require_models(names: Sequence[str]) -> None:
         )
 
 
-def build_model(name: str, device: torch.device) -> nn.Module:
+def build_model(name: str, device: torch.device, checkpointing: bool | None = None) -> nn.Module:
     """A frozen LatentDiffusion in eval mode on ``device``.
 
     ``toy``: the shipped toy model (models/toy/; the loader says how to rebuild it when missing).
     ``sd-mid`` / ``sd-tiny``: bench/configs/<name>.yaml with random weights (seeded by the caller's
     ``torch.manual_seed``); its text-encoder directory is written to a temporary folder.
+    ``checkpointing``, when given, overrides the UNet's activation checkpointing (its config's
+    ``use_checkpoint``; SD v1.4's v1-inference.yaml sets it, the bench configs do not).
     """
     require_models([name])
     if name == "toy":
-        return load_model(None, None, str(device), verbose=False)
+        model = load_model(None, None, str(device), verbose=False)
+    else:
+        model = build_random_model(name, device)
+    if checkpointing is not None:
+        set_unet_checkpointing(model, checkpointing)
+    return model
+
+
+def build_random_model(name: str, device: torch.device) -> nn.Module:
+    """bench/configs/<name>.yaml with random weights, frozen, in eval mode on ``device``."""
     config = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
     text = TextEncoderConfig(**OmegaConf.to_container(config.bench.text_encoder))
     with tempfile.TemporaryDirectory(prefix="bench-clip-") as directory:
@@ -291,6 +304,16 @@ def build_model(name: str, device: torch.device) -> nn.Module:
     reset_zero_initialised(model)
     model.ldm_config = config
     return model.eval().requires_grad_(False).to(device)
+
+
+def set_unet_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Switch activation checkpointing of every ResBlock and transformer block of the UNet, as
+    ``use_checkpoint`` in the config would have."""
+    for module in model.model.diffusion_model.modules():
+        if isinstance(module, ResBlock):
+            module.use_checkpoint = enabled
+        elif isinstance(module, BasicTransformerBlock):
+            module.checkpoint = enabled
 
 
 def reset_zero_initialised(model: nn.Module) -> None:
@@ -386,6 +409,11 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def progress(message: str) -> None:
+    """One line on stderr while a benchmark runs (stdout holds only the table and the JSON line)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def _cell(value: Any) -> str:

@@ -30,15 +30,16 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from common import (
-    method_lr,
     add_common_arguments,
-    bench_parser,
     bench_config,
+    bench_parser,
     build_model,
     make_fabric,
     make_trainer,
+    method_lr,
     print_json,
     print_table,
+    progress,
     random_latents,
     run_main,
     setup,
@@ -174,6 +175,7 @@ def main(args: argparse.Namespace) -> None:
     sd_parameters = sd_trained_parameters(args.sd_concepts)
     rows = []
     for method in METHODS:
+        progress(f"{method}: counting {steps} steps")
         counts = count_method(method, steps, args.ddim_steps, args.seed, device)
         forward_rows = counts["rows_no_grad"] + counts["rows_grad"]
         equivalents = forward_rows + args.backward_factor * counts["rows_backward"]

@@ -33,6 +33,7 @@ from common import (
     build_model,
     print_json,
     print_table,
+    progress,
     require_models,
     run_main,
     setup,
@@ -75,6 +76,7 @@ def set_merged(model: nn.Module, merged: bool) -> None:
 
 
 def bench_model(model_name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    progress(f"{model_name}: sampling")
     models = {}
     for count in (0, *CONCEPT_COUNTS):
         torch.manual_seed(args.seed)  # the same random weights in every copy
@@ -130,13 +132,15 @@ def main(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}.")
     results = {name: bench_model(name, args, device) for name in models}
-    rows = [row for result in results.values() for row in result["rows"]]
-    first = next(iter(results.values()))
+    rows = [
+        {**row, "sampling": f"{result['sampler']} {result['steps']}, guidance {result['guidance_scale']:g}"}
+        for result in results.values()
+        for row in result["rows"]
+    ]
     print_table(
-        f"Sampling {args.batch_size} images, {first['sampler']} {first['steps']} steps, guidance "
-        f"{first['guidance_scale']}, {args.repeats} repeats",
+        f"Sampling {args.batch_size} images per call, each model's default sampler, {args.repeats} repeats",
         rows,
-        ["model", "variant", "median_s", "ratio_to_base"],
+        ["model", "sampling", "variant", "median_s", "ratio_to_base"],
     )
     print_json("inference", args, device, {"models": results})
 

@@ -10,11 +10,16 @@
   (0 .. ddim_steps-1 steps, drawn per step, no grad), then frozen (original attn2 weights
   swapped in) and trained predictions; attn2 trained.
 
+``--checkpointing`` turns on the UNet's activation checkpointing for every variant, as SD v1.4's
+configs/stable-diffusion/v1-inference.yaml does (``use_checkpoint: True``; the toy and bench configs
+leave it off): activations are recomputed in the backward instead of stored.
+
 Per model: seconds per step (interleaved repeats, ratio to ``sepce``) and peak memory of each
 variant alone in a fresh process (2 steps, so Adam's state exists), with the goal's ratio
 sepce / sepce_two_copy <= 0.6. Both SepCE variants use lambda = 0 (the L1 term costs the same).
 
     python bench/train_step.py                      # toy model and the ~53 M SD-shaped UNet
+    python bench/train_step.py --checkpointing      # the same with SD v1.4's activation checkpointing
     python bench/train_step.py --quick              # tiny model, seconds (smoke test)
 """
 
@@ -31,17 +36,18 @@ from torch import nn
 
 from common import (
     CONCEPT,
-    method_lr,
     MODEL_NAMES,
     add_common_arguments,
-    bench_parser,
     bench_config,
+    bench_parser,
     build_model,
     make_fabric,
     make_trainer,
+    method_lr,
     peak_memory,
     print_json,
     print_table,
+    progress,
     random_latents,
     require_models,
     run_main,
@@ -90,10 +96,12 @@ class TwoCopySepCETrainer(SepCETrainer):
         return StepLoss(direction, {concept: direction.detach()})
 
 
-def make_variant(variant: str, model_name: str, device: torch.device, seed: int, ddim_steps: int) -> ConceptTrainer:
+def make_variant(
+    variant: str, model_name: str, device: torch.device, seed: int, ddim_steps: int, checkpointing: bool
+) -> ConceptTrainer:
     """A fresh model (seeded) and the trainer of ``variant`` on it."""
     torch.manual_seed(seed)
-    model = build_model(model_name, device)
+    model = build_model(model_name, device, checkpointing)
     fabric = make_fabric(device)
     latents = random_latents(model, TRAINING_IMAGES, seed)
     if variant == "sepce_two_copy":
@@ -101,9 +109,11 @@ def make_variant(variant: str, model_name: str, device: torch.device, seed: int,
     return make_trainer(variant, model, fabric, latents, bench_config(method_lr(variant, model_name), seed), ddim_steps)
 
 
-def run_variant_steps(variant: str, model_name: str, device_name: str, seed: int, ddim_steps: int) -> None:
+def run_variant_steps(
+    variant: str, model_name: str, device_name: str, seed: int, ddim_steps: int, checkpointing: bool
+) -> None:
     """Build ``variant`` and run ``MEMORY_STEPS`` steps (the body of a peak-memory process)."""
-    trainer = make_variant(variant, model_name, torch.device(device_name), seed, ddim_steps)
+    trainer = make_variant(variant, model_name, torch.device(device_name), seed, ddim_steps, checkpointing)
     optimizer = trainer_optimizer(trainer)
     for step in range(MEMORY_STEPS):
         train_step(trainer, optimizer, step)
@@ -111,8 +121,11 @@ def run_variant_steps(variant: str, model_name: str, device_name: str, seed: int
 
 def measure_memory(model_name: str, args: argparse.Namespace, device: torch.device, ddim_steps: int) -> dict[str, Any]:
     """Peak memory of every variant on ``model_name``, each alone in a fresh process."""
+    progress(f"{model_name}: peak memory, one process per variant")
     return {
-        variant: peak_memory(run_variant_steps, (variant, model_name, str(device), args.seed, ddim_steps), device)[0]
+        variant: peak_memory(
+            run_variant_steps, (variant, model_name, str(device), args.seed, ddim_steps, args.checkpointing), device
+        )[0]
         for variant in VARIANTS
     }
 
@@ -120,7 +133,11 @@ def measure_memory(model_name: str, args: argparse.Namespace, device: torch.devi
 def bench_model(
     model_name: str, args: argparse.Namespace, device: torch.device, ddim_steps: int, memory: dict[str, Any]
 ) -> dict[str, Any]:
-    trainers = {variant: make_variant(variant, model_name, device, args.seed, ddim_steps) for variant in VARIANTS}
+    progress(f"{model_name}: timing {', '.join(VARIANTS)}")
+    trainers = {
+        variant: make_variant(variant, model_name, device, args.seed, ddim_steps, args.checkpointing)
+        for variant in VARIANTS
+    }
     optimizers = {variant: trainer_optimizer(trainer) for variant, trainer in trainers.items()}
     steps = dict.fromkeys(VARIANTS, 0)
 
@@ -168,7 +185,8 @@ def main(args: argparse.Namespace) -> None:
     if not args.no_memory:
         columns += ["peak_mib", "memory_ratio_to_two_copy"]
     print_table(
-        f"One training step, batch 1, ESD partial sampling up to {ddim_steps} DDIM steps, {args.repeats} repeats",
+        f"One training step, batch 1, ESD partial sampling up to {ddim_steps} DDIM steps, {args.repeats} repeats, "
+        f"activation checkpointing {'on' if args.checkpointing else 'off'}",
         rows,
         columns,
     )
@@ -181,6 +199,8 @@ def parser() -> argparse.ArgumentParser:
                         help="models to run on (default: toy sd-mid; --quick: sd-tiny)")
     result.add_argument("--ddim_steps", type=int, default=None, help="ESD's DDIM schedule (default: 50; --quick: 4)")
     result.add_argument("--no_memory", action="store_true", help="skip the peak-memory processes")
+    result.add_argument("--checkpointing", action="store_true",
+                        help="UNet activation checkpointing on, as SD v1.4's v1-inference.yaml sets it")
     return add_common_arguments(result, repeats=10)
 
 

@@ -131,6 +131,25 @@ def test_train_step_quick_timing(capsys: pytest.CaptureFixture[str]) -> None:
     assert "peak_mib" not in check_train_step(record)["sepce"]
 
 
+def test_activation_checkpointing_changes_memory_not_the_step(common: ModuleType) -> None:
+    """--checkpointing (SD v1.4's use_checkpoint) recomputes activations; the trained increment
+    after a SepCE step is the same."""
+    bench = load_bench("train_step")
+    cpu = torch.device("cpu")
+    increments = {}
+    for checkpointing in (False, True):
+        trainer = bench.make_variant("sepce", "sd-tiny", cpu, seed=0, ddim_steps=4, checkpointing=checkpointing)
+        blocks = [m for m in trainer.model.modules() if isinstance(m, (common.ResBlock, common.BasicTransformerBlock))]
+        assert blocks and all(getattr(m, "use_checkpoint", getattr(m, "checkpoint", None)) is checkpointing
+                              for m in blocks)
+        common.train_step(trainer, common.trainer_optimizer(trainer), 0)
+        increments[checkpointing] = {name: p.detach().clone() for name, p in trainer.trained_parameters().items()}
+    assert increments[False].keys() == increments[True].keys()
+    assert any(p.abs().max() > 0 for p in increments[True].values())
+    for name, value in increments[False].items():
+        torch.testing.assert_close(increments[True][name], value, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_train_step_quick_with_memory(capsys: pytest.CaptureFixture[str]) -> None:
     record = run_bench("train_step", ["--quick", "--repeats", "1"], capsys)
@@ -188,6 +207,17 @@ def test_erase_until_stops_at_the_threshold_or_the_step_limit(common: ModuleType
     assert [check["step"] for check in run["checks"]] == [2, 3]
 
 
+def test_others_pixel_change_averages_the_other_classes_only() -> None:
+    bench = load_bench("time_to_erase")
+    names = bench.CLASS_NAMES
+    before = {name: torch.zeros(2, 3, 4, 4) for name in names}
+    after = {name: torch.zeros(2, 3, 4, 4) for name in names}
+    after[bench.CONCEPT] = torch.ones(2, 3, 4, 4)  # the erased class changes: not collateral
+    assert bench.others_pixel_change(before, after, bench.CONCEPT) == 0.0
+    after[names[0]] = torch.full((2, 3, 4, 4), 0.9)
+    assert bench.others_pixel_change(before, after, bench.CONCEPT) == pytest.approx(0.9 / (len(names) - 1))
+
+
 def test_time_to_erase_refuses_a_missing_toy_model(
     common: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -206,7 +236,7 @@ def test_time_to_erase_quick_on_the_toy_model(capsys: pytest.CaptureFixture[str]
         pytest.skip("the toy model is not trained yet")
     record = run_bench("time_to_erase", ["--quick", "--methods", "sepce", "--samples", "2", "--max_steps", "4"], capsys)
     run = record["runs"]["sepce"]
-    assert run["steps"] <= 4 and run["data_s"] > 0
+    assert run["steps"] <= 4 and run["data_s"] > 0 and run["others_pixel_change"] >= 0
     assert set(record["before"]) >= {"blank", "vela quorin"}
 
 

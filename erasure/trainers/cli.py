@@ -405,9 +405,9 @@ def run_esd(fabric: Fabric, args: argparse.Namespace) -> dict[str, Any]:
     context = RunContext(fabric, args)
     output, checkpoint = _stem_paths(context, esd_stem(args))
     context.prepare_outputs([output], checkpoint)
+    config = training_config(args, checkpoint, method_lr("esd", args))
     trainer = esd.ESDTrainer(
-        context.load(), fabric, args.prompt, training_config(args, checkpoint, method_lr("esd", args)),
-        args.train_method, args.ddim_steps,
-        args.start_guidance, args.negative_guidance,
+        context.load(), fabric, args.prompt, config,
+        args.train_method, args.ddim_steps, args.start_guidance, args.negative_guidance,
     )
     return _finish_with_difference(context, trainer, output)
