@@ -116,6 +116,11 @@ def check_train_step(record: dict) -> dict:
     assert rows["sepce"]["trained_parameters"] < rows["esd_x"]["trained_parameters"]
     assert all(row["median_s"] > 0 for row in rows.values())
     assert rows["sepce"]["time_ratio_to_sepce"] == 1.0
+    load_bench("common")
+    import common
+
+    unet = common.build_model("sd-tiny", torch.device("cpu")).model.diffusion_model
+    assert result["unet_parameters"] == sum(p.numel() for p in unet.parameters())  # without the increment
     return rows
 
 
