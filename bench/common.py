@@ -355,14 +355,15 @@ def make_trainer(
     config: TrainingConfig,
     ddim_steps: int = esd.DEFAULT_DDIM_STEPS,
     lam: float = 0.0,
+    protected: Sequence[str] = (),
 ) -> ConceptTrainer:
     """The library's trainer of ``method`` (a ``METHODS`` name) erasing ``CONCEPT`` from ``model``.
 
-    SepCE gets the basis protecting "" (``compute_bases``); SepCE and CiE train on ``latents``;
+    SepCE gets the basis protecting "" and ``protected`` (``compute_bases``); SepCE and CiE train on ``latents``;
     ``lam`` is the L1 weight of SepCE and CiE (0: the term's cost is the same for every variant).
     """
     if method == "sepce":
-        bases = compute_bases(model, [CONCEPT], min_dims=1)
+        bases = compute_bases(model, [CONCEPT], list(protected), min_dims=1)
         return sepce.SepCETrainer(model, fabric, bases, {CONCEPT: latents}, config, lam=lam)
     if method == "cie":
         return cie.CiETrainer(model, fabric, CONCEPT, latents, config, lam=lam)

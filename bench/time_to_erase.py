@@ -3,7 +3,8 @@
 On the shipped toy model (models/toy/) each method erases the first toy artist with the
 library's trainer at the training scripts' toy-model defaults (learning rates:
 ``erasure.trainers.cli.DEFAULT_LRS``; at most 1000 steps; SepCE and CiE keep their momentum
-stop, ESD-x has none). Every ``--check_every`` steps the
+stop, ESD-x has none; SepCE's basis protects "" and the other 8 artists, as train-sepce.py's
+``--protect_classes`` does there). Every ``--check_every`` steps the
 clock stops and the toy oracle scores ``--check_samples`` samples of the artist's prompt; the
 method is done when that accuracy is <= 0.20 (or when it stops or reaches its step limit
 without getting there, reported as not reached). Reported per method: training seconds to the
@@ -135,12 +136,15 @@ def main(args: argparse.Namespace) -> None:
     latents = training_latents(original, args.num_images)
     data_s = time.perf_counter() - started
     del original
+    # SepCE protects "" and the other classes, as train-sepce.py does on the toy model (--protect_classes)
+    other_classes = [class_prompt(index) for index in range(1, len(CLASS_NAMES)) if class_prompt(index) != CONCEPT]
     rows, runs = [], {}
     for method in args.methods:
         progress(f"{method}: erasing {CONCEPT!r}")
         model = build_model("toy", device)
         config = bench_config(method_lr(method, "toy"), args.seed, iterations=max_steps, tau=TAU)
-        trainer = make_trainer(method, model, make_fabric(device), latents, config, lam=LAMBDAS[method])
+        trainer = make_trainer(method, model, make_fabric(device), latents, config, lam=LAMBDAS[method],
+                               protected=other_classes)
         run = erase_until(
             trainer, lambda: artist_accuracy(model, oracle, class_id, check_samples, args.seed), THRESHOLD,
             args.check_every,
