@@ -43,13 +43,15 @@ from torch import nn
 
 from erasure.bases import compute_bases
 from erasure.loading import TOY_CKPT, TOY_REBUILD_COMMAND, load_model, resolve_device
-from erasure.sampling import latent_shape
+from erasure.samplers import latent_shape
 from erasure.toy.training import TextEncoderConfig, write_text_encoder_dir
 from erasure.toy.world import ARTISTS
-from erasure.trainers import cie, esd, sepce
-from erasure.trainers.cli import default_lr
-from erasure.trainers.loop import ConceptTrainer, TrainingConfig
-from erasure.trainers.runtime import step_generator
+from erasure.settings import CiESettings, ESDSettings, SepCESettings, TrainingSettings, default_learning_rate
+from erasure.trainers.cie import CiETrainer
+from erasure.trainers.esd import ESDTrainer
+from erasure.trainers.loop import ConceptTrainer
+from erasure.trainers.sepce import SepCETrainer
+from erasure.training import default_fabric
 from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.util import instantiate_from_config
@@ -68,7 +70,7 @@ METHODS = ("sepce", "cie", "esd_x", "esd_u")
 def method_lr(method: str, model_name: str) -> float:
     """The training scripts' default learning rate of ``method`` (a METHODS name) on a bench model:
     the toy model's own on "toy", METHOD.md's reference on the SD-shaped ones."""
-    return default_lr("esd" if method.startswith("esd") else method, toy=model_name == "toy")
+    return default_learning_rate("esd" if method.startswith("esd") else method, "toy" if model_name == "toy" else "sd")
 
 
 class BenchError(RuntimeError):
@@ -327,12 +329,7 @@ def reset_zero_initialised(model: nn.Module) -> None:
 
 def make_fabric(device: torch.device) -> Fabric:
     """A one-process Fabric on ``device`` (the trainers' runtime)."""
-    if device.type == "cuda":
-        fabric = Fabric(accelerator="cuda", devices=[device.index or 0])
-    else:
-        fabric = Fabric(accelerator="cpu", devices=1)
-    fabric.launch()
-    return fabric
+    return default_fabric(device)
 
 
 def random_latents(model: nn.Module, count: int, seed: int) -> torch.Tensor:
@@ -342,9 +339,22 @@ def random_latents(model: nn.Module, count: int, seed: int) -> torch.Tensor:
     return torch.randn((count, *latent_shape(model)), generator=generator).to(model.betas.device)
 
 
-def bench_config(lr: float, seed: int, iterations: int = 10**9, tau: float = -1e30) -> TrainingConfig:
-    """A ``TrainingConfig`` for stepping a trainer by hand: by default it never stops on its own."""
-    return TrainingConfig(lr=lr, iterations=iterations, tau=tau, seed=seed, save_every=0, progress=False)
+def bench_settings(
+    method: str, model_name: str, seed: int, iterations: int = 10**9, tau: float = -1e30, lam: float = 0.0,
+    ddim_steps: int = 50,
+) -> TrainingSettings:
+    """Settings of ``method`` (a ``METHODS`` name) for stepping its trainer by hand: the scripts' learning
+    rate on ``model_name``, no checkpoints or progress bar, by default never stopping on its own; ``lam`` is
+    the L1 weight of SepCE and CiE (0: the term's cost is the same for every variant)."""
+    common = {"lr": method_lr(method, model_name), "iterations": iterations, "tau": tau, "seed": seed,
+              "save_every": 0, "progress": False}
+    if method.startswith("sepce"):
+        return SepCESettings(**common, lam=lam, min_dims=1)
+    if method == "cie":
+        return CiESettings(**common, lam=lam)
+    if method in ("esd_x", "esd_u"):
+        return ESDSettings(**common, train_method="xattn" if method == "esd_x" else "noxattn", ddim_steps=ddim_steps)
+    raise BenchError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
 
 
 def make_trainer(
@@ -352,48 +362,21 @@ def make_trainer(
     model: nn.Module,
     fabric: Fabric,
     latents: torch.Tensor,
-    config: TrainingConfig,
-    ddim_steps: int = esd.DEFAULT_DDIM_STEPS,
-    lam: float = 0.0,
+    settings: TrainingSettings,
     protected: Sequence[str] = (),
 ) -> ConceptTrainer:
     """The library's trainer of ``method`` (a ``METHODS`` name) erasing ``CONCEPT`` from ``model``.
 
-    SepCE gets the basis protecting "" and ``protected`` (``compute_bases``); SepCE and CiE train on ``latents``;
-    ``lam`` is the L1 weight of SepCE and CiE (0: the term's cost is the same for every variant).
+    SepCE gets the basis protecting "" and ``protected`` (``compute_bases``); SepCE and CiE train on ``latents``.
     """
     if method == "sepce":
         bases = compute_bases(model, [CONCEPT], list(protected), min_dims=1)
-        return sepce.SepCETrainer(model, fabric, bases, {CONCEPT: latents}, config, lam=lam)
+        return SepCETrainer(model, fabric, bases, {CONCEPT: latents}, settings)
     if method == "cie":
-        return cie.CiETrainer(model, fabric, CONCEPT, latents, config, lam=lam)
+        return CiETrainer(model, fabric, CONCEPT, latents, settings)
     if method in ("esd_x", "esd_u"):
-        train_method = "xattn" if method == "esd_x" else "noxattn"
-        return esd.ESDTrainer(model, fabric, CONCEPT, config, train_method, ddim_steps)
+        return ESDTrainer(model, fabric, CONCEPT, settings)
     raise BenchError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-
-
-def train_step(trainer: ConceptTrainer, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """One optimisation step of ``trainer``: the body of ``ConceptTrainer.fit`` for one process.
-
-    Uses the trainer's own draws (``step_generator``), loss and momentum stoppers; leaves out
-    what only matters across processes or runs (collectives, checkpoints, progress).
-    """
-    concepts = trainer.training_concepts()
-    if not concepts:
-        raise BenchError(f"{trainer.method}: every concept has stopped; nothing left to train.")
-    optimizer.zero_grad(set_to_none=True)
-    result = trainer.step_loss(step_generator(trainer.config.seed, step), concepts)
-    trainer.fabric.backward(result.loss)
-    optimizer.step()
-    for concept in concepts:
-        if trainer.stoppers[concept].update(float(result.tracked[concept])):
-            trainer.on_stop(concept)
-
-
-def trainer_optimizer(trainer: ConceptTrainer) -> torch.optim.Optimizer:
-    """Adam over the trainer's trained tensors at its learning rate, as the training loop makes it."""
-    return torch.optim.Adam(list(trainer.trained_parameters().values()), lr=trainer.config.lr)
 
 
 # ---------------------------------------------------------------------------------- output

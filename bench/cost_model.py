@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,12 +32,11 @@ from torch import nn
 
 from common import (
     add_common_arguments,
-    bench_config,
+    bench_settings,
     bench_parser,
     build_model,
     make_fabric,
     make_trainer,
-    method_lr,
     print_json,
     print_table,
     progress,
@@ -46,16 +46,14 @@ from common import (
     sized,
     time_interleaved,
     timing_summary,
-    train_step,
-    trainer_optimizer,
 )
 from erasure.increments import cross_attention_kv
-from erasure.loading import REPO_ROOT
-from erasure.trainers.esd import DEFAULT_DDIM_STEPS
+from erasure.settings import ESDSettings
 from erasure.trainers.weights import cross_attention_parameters, non_cross_attention_parameters
 from ldm.util import instantiate_from_config
 from train_step import TRAINING_IMAGES, TwoCopySepCETrainer
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the bench runs from the checkout
 SD_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 METHODS = ("sepce", "sepce_two_copy", "cie", "esd_x", "esd_u")
 SD_TOKENS = 77
@@ -95,15 +93,14 @@ def count_method(method: str, steps: int, ddim_steps: int, seed: int, device: to
     fabric = make_fabric(device)
     latents = random_latents(model, TRAINING_IMAGES, seed)
     if method == "sepce_two_copy":
-        trainer = TwoCopySepCETrainer(model, fabric, latents, bench_config(method_lr("sepce", "sd-tiny"), seed))
+        trainer = TwoCopySepCETrainer(model, fabric, latents, bench_settings("sepce", "sd-tiny", seed))
         unets = [model.model.diffusion_model, trainer.frozen_model.model.diffusion_model]
     else:
-        trainer = make_trainer(method, model, fabric, latents, bench_config(method_lr(method, "sd-tiny"), seed), ddim_steps)
+        trainer = make_trainer(method, model, fabric, latents, bench_settings(method, "sd-tiny", seed, ddim_steps=ddim_steps))
         unets = [model.model.diffusion_model]
-    optimizer = trainer_optimizer(trainer)
     counters = [UNetCallCounter(unet) for unet in unets]
-    for step in range(steps):
-        train_step(trainer, optimizer, step)
+    for _ in range(steps):
+        trainer.train_step()
     for counter in counters:
         counter.remove()
     totals = {key: sum(counter.counts[key] for counter in counters) for key in counters[0].counts}
@@ -209,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
     result = bench_parser(__doc__)
     result.add_argument("--steps", type=int, default=None,
                         help="trainer steps counted per method (default: 200; --quick: 2)")
-    result.add_argument("--ddim_steps", type=int, default=DEFAULT_DDIM_STEPS, help="ESD's DDIM schedule (default: 50)")
+    result.add_argument("--ddim_steps", type=int, default=ESDSettings().ddim_steps, help="ESD's DDIM schedule (default: 50)")
     result.add_argument("--sd_concepts", type=int, default=1,
                         help="concepts SepCE erases jointly on SD v1.4 (default: 1)")
     result.add_argument("--backward_factor", type=float, default=2.0,

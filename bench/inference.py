@@ -43,7 +43,8 @@ from common import (
 )
 from erasure.bases import compute_bases
 from erasure.increments import attach_increment, cross_attention_kv, merge_into_weights, unmerge
-from erasure.sampling import sample_latents, sampling_settings
+from erasure.generation import generate_latents
+from erasure.samplers import sampling_settings
 from erasure.toy.world import ARTISTS
 
 CONCEPT_COUNTS = (1, 9)
@@ -87,7 +88,7 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device)
     seeds = [args.seed + index for index in range(args.batch_size)]
 
     def sample(model: nn.Module) -> Callable[[], torch.Tensor]:
-        return lambda: sample_latents(model, prompts, seeds, steps=settings.steps, batch_size=args.batch_size)
+        return lambda: generate_latents(model, prompts, seeds, settings=settings, batch_size=args.batch_size)
 
     variants = {"base": sample(models[0])}
     prepare = {}

@@ -24,16 +24,18 @@ from pathlib import Path
 import torch
 
 from common import BenchError, bench_parser, print_json, print_table, run_main, sized
-from erasure.loading import REPO_ROOT
-from erasure.trainers import cli
+from erasure.runs import RunRequest, run_training
+from erasure.settings import CiESettings, ESDSettings, SepCESettings, TrainingSettings
+from erasure.training import default_fabric
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the bench runs from the checkout
 DEFAULT_CKPT = REPO_ROOT / "models" / "ldm" / "stable-diffusion-v1" / "sd-v1-4-full-ema.ckpt"
 SD_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
-#: method -> (the script's parser, its run function, the flag that names the concept)
-METHODS = {
-    "sepce": (cli.sepce_parser, cli.run_sepce, "--concepts"),
-    "cie": (cli.cie_parser, cli.run_cie, "--prompt"),
-    "esd_x": (cli.esd_parser, cli.run_esd, "--prompt"),
+#: method -> its settings class (and, for ESD, the trained set)
+METHODS: dict[str, tuple[type[TrainingSettings], dict[str, str]]] = {
+    "sepce": (SepCESettings, {}),
+    "cie": (CiESettings, {}),
+    "esd_x": (ESDSettings, {"train_method": "xattn"}),
 }
 
 
@@ -56,24 +58,15 @@ def main(args: argparse.Namespace) -> None:
     device = check_requirements(Path(args.ckpt_path))
     args.iterations = sized(args.iterations, args.quick, 10, 1000)
     args.num_images = sized(args.num_images, args.quick, 4, 100)
-    script_parser, run, concept_flag = METHODS[args.method]
-    script_args = script_parser().parse_args(
-        [
-            "--config_path", str(SD_CONFIG),
-            "--ckpt_path", str(args.ckpt_path),
-            concept_flag, args.concept,
-            "--accelerator", "cuda",
-            "--devices", "1",
-            "--iterations", str(args.iterations),
-            "--output_dir", args.output_dir,
-            "--overwrite",
-            *(["--num_images", str(args.num_images)] if args.method != "esd_x" else []),
-            *args.script_args,
-        ]
+    settings_class, extra = METHODS[args.method]
+    sizes = {"iterations": args.iterations} | ({} if args.method == "esd_x" else {"num_images": args.num_images})
+    request = RunRequest(
+        concepts=(args.concept,), settings=settings_class(**sizes, **extra), config_path=str(SD_CONFIG),
+        ckpt_path=str(args.ckpt_path), output_dir=Path(args.output_dir), overwrite=True, report=False,
     )
     torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    summary = cli.launch(run, script_args)
+    summary = run_training(default_fabric(device), request)
     torch.cuda.synchronize(device)
     row = {
         "method": args.method,
@@ -98,7 +91,6 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("--num_images", type=int, default=None,
                         help="training images to generate (default: 100; --quick: 4)")
     result.add_argument("--output_dir", default="outputs/bench-sd-gpu", help="default: outputs/bench-sd-gpu")
-    result.add_argument("script_args", nargs="*", help="after --: further flags of the training script")
     result.add_argument("--quick", action="store_true", help="10 steps on 4 images: checks the whole path in minutes")
     return result
 

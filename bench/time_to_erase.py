@@ -2,7 +2,7 @@
 
 On the shipped toy model (models/toy/) each method erases the first toy artist with the
 library's trainer at the training scripts' toy-model defaults (learning rates:
-``erasure.trainers.cli.DEFAULT_LRS``; at most 1000 steps; SepCE and CiE keep their momentum
+``erasure.settings.DEFAULT_LEARNING_RATES``; at most 1000 steps; SepCE and CiE keep their momentum
 stop, ESD-x has none; SepCE's basis protects "" and the other 8 artists, as train-sepce.py's
 ``--protect_classes`` does there). Every ``--check_every`` steps the
 clock stops and the toy oracle scores ``--check_samples`` samples of the artist's prompt; the
@@ -36,12 +36,11 @@ from torch import nn
 from common import (
     CONCEPT,
     add_common_arguments,
-    bench_config,
+    bench_settings,
     bench_parser,
     build_model,
     make_fabric,
     make_trainer,
-    method_lr,
     print_json,
     print_table,
     progress,
@@ -49,21 +48,19 @@ from common import (
     run_main,
     setup,
     sized,
-    train_step,
-    trainer_optimizer,
 )
-from erasure.sampling import sample_images
+from erasure.generation import generate
 from erasure.toy.oracle import ToyOracle, load_oracle
 from erasure.toy.quality import SEED_STRIDE, measure_quality
 from erasure.toy.world import CLASS_NAMES, class_index, class_prompt
-from erasure.trainers import cie, sepce
+from erasure.settings import CiESettings, SepCESettings
 from erasure.trainers.data import encode_images
 from erasure.trainers.loop import ConceptTrainer
 
 METHODS = ("sepce", "cie", "esd_x")
 THRESHOLD = 0.20
 SPEED_GOAL = 3.0
-LAMBDAS = {"sepce": sepce.DEFAULT_LAMBDA, "cie": cie.DEFAULT_LAMBDA, "esd_x": 0.0}
+LAMBDAS = {"sepce": SepCESettings().lam, "cie": CiESettings().lam, "esd_x": 0.0}
 TAU = 1e-4
 MAX_STEPS = 1000
 
@@ -72,7 +69,7 @@ def artist_accuracy(model: nn.Module, oracle: ToyOracle, class_id: int, samples:
     """The oracle's accuracy on ``samples`` images of class ``class_id``'s prompt, with the seeds
     ``measure_quality`` uses for that class."""
     seeds = [seed + class_id * SEED_STRIDE + index for index in range(samples)]
-    images = sample_images(model, [class_prompt(class_id)] * samples, seeds, batch_size=50)
+    images = generate(model, [class_prompt(class_id)] * samples, seeds, batch_size=50)
     predicted = oracle.predict(images.to(next(oracle.parameters()).device) * 2 - 1)["artist"]
     return float((predicted.cpu() == class_id).float().mean())
 
@@ -82,12 +79,11 @@ def erase_until(
 ) -> dict[str, Any]:
     """Step ``trainer`` until ``accuracy()`` <= ``threshold`` (checked every ``check_every`` steps and
     when the trainer stops); only the steps are timed. Returns steps, seconds and every check."""
-    optimizer = trainer_optimizer(trainer)
     seconds, step, checks = 0.0, 0, []
     device = trainer.fabric.device
     while trainer.training_concepts():
         started = time.perf_counter()
-        train_step(trainer, optimizer, step)
+        trainer.train_step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - started
@@ -105,8 +101,8 @@ def erase_until(
 def training_latents(model: nn.Module, count: int) -> torch.Tensor:
     """Latents of ``count`` images of the concept by the original model, 8-bit quantised as the
     training scripts' PNG files are (seeds 0..count-1, the model's default sampling)."""
-    images = sample_images(model, [CONCEPT] * count, list(range(count)))
-    return encode_images(model, (images * 255).round() / 255 * 2 - 1)
+    images = generate(model, [CONCEPT] * count, list(range(count)))
+    return encode_images(model, (images * 255).round() / 255)
 
 
 def others_change(before: dict[str, float], after: dict[str, float], erased: str) -> float:
@@ -142,9 +138,8 @@ def main(args: argparse.Namespace) -> None:
     for method in args.methods:
         progress(f"{method}: erasing {CONCEPT!r}")
         model = build_model("toy", device)
-        config = bench_config(method_lr(method, "toy"), args.seed, iterations=max_steps, tau=TAU)
-        trainer = make_trainer(method, model, make_fabric(device), latents, config, lam=LAMBDAS[method],
-                               protected=other_classes)
+        settings = bench_settings(method, "toy", args.seed, iterations=max_steps, tau=TAU, lam=LAMBDAS[method])
+        trainer = make_trainer(method, model, make_fabric(device), latents, settings, protected=other_classes)
         run = erase_until(
             trainer, lambda: artist_accuracy(model, oracle, class_id, check_samples, args.seed), THRESHOLD,
             args.check_every,

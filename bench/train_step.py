@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,12 +37,11 @@ from common import (
     CONCEPT,
     MODEL_NAMES,
     add_common_arguments,
-    bench_config,
+    bench_settings,
     bench_parser,
     build_model,
     make_fabric,
     make_trainer,
-    method_lr,
     peak_memory,
     print_json,
     print_table,
@@ -55,12 +53,11 @@ from common import (
     sized,
     time_interleaved,
     timing_summary,
-    train_step,
-    trainer_optimizer,
 )
 from erasure.bases import compute_bases
 from erasure.losses import concept_representation, direction_loss
-from erasure.trainers.loop import ConceptTrainer, StepLoss, TrainingConfig, predict_eps
+from erasure.settings import SepCESettings
+from erasure.trainers.loop import ConceptTrainer, StepLoss, predict_eps
 from erasure.trainers.sepce import SepCETrainer
 
 VARIANTS = ("sepce", "sepce_two_copy", "esd_x")
@@ -75,12 +72,12 @@ class TwoCopySepCETrainer(SepCETrainer):
 
     method = "sepce_two_copy"
 
-    def __init__(self, model: nn.Module, fabric: Fabric, latents: torch.Tensor, config: TrainingConfig) -> None:
+    def __init__(self, model: nn.Module, fabric: Fabric, latents: torch.Tensor, settings: SepCESettings) -> None:
         # Copy before the increments are attached; the first and cond stages are shared, not copied.
         shared = {id(part): part for part in (model.first_stage_model, model.cond_stage_model)}
         self.frozen_model = copy.deepcopy(model, memo=shared).requires_grad_(False)
         bases = compute_bases(model, [CONCEPT], min_dims=1)
-        super().__init__(model, fabric, bases, {CONCEPT: latents}, config, lam=0.0)
+        super().__init__(model, fabric, bases, {CONCEPT: latents}, settings)
 
     def step_loss(self, generator: torch.Generator, concepts: list[str]) -> StepLoss:
         (concept,) = concepts
@@ -105,8 +102,8 @@ def make_variant(
     fabric = make_fabric(device)
     latents = random_latents(model, TRAINING_IMAGES, seed)
     if variant == "sepce_two_copy":
-        return TwoCopySepCETrainer(model, fabric, latents, bench_config(method_lr("sepce", model_name), seed))
-    return make_trainer(variant, model, fabric, latents, bench_config(method_lr(variant, model_name), seed), ddim_steps)
+        return TwoCopySepCETrainer(model, fabric, latents, bench_settings("sepce", model_name, seed))
+    return make_trainer(variant, model, fabric, latents, bench_settings(variant, model_name, seed, ddim_steps=ddim_steps))
 
 
 def run_variant_steps(
@@ -114,9 +111,8 @@ def run_variant_steps(
 ) -> None:
     """Build ``variant`` and run ``MEMORY_STEPS`` steps (the body of a peak-memory process)."""
     trainer = make_variant(variant, model_name, torch.device(device_name), seed, ddim_steps, checkpointing)
-    optimizer = trainer_optimizer(trainer)
-    for step in range(MEMORY_STEPS):
-        train_step(trainer, optimizer, step)
+    for _ in range(MEMORY_STEPS):
+        trainer.train_step()
 
 
 def measure_memory(model_name: str, args: argparse.Namespace, device: torch.device, ddim_steps: int) -> dict[str, Any]:
@@ -138,17 +134,7 @@ def bench_model(
         variant: make_variant(variant, model_name, device, args.seed, ddim_steps, args.checkpointing)
         for variant in VARIANTS
     }
-    optimizers = {variant: trainer_optimizer(trainer) for variant, trainer in trainers.items()}
-    steps = dict.fromkeys(VARIANTS, 0)
-
-    def stepper(variant: str) -> Callable[[], None]:
-        def step() -> None:
-            train_step(trainers[variant], optimizers[variant], steps[variant])
-            steps[variant] += 1
-
-        return step
-
-    times = time_interleaved({variant: stepper(variant) for variant in VARIANTS}, args.repeats, device)
+    times = time_interleaved({variant: trainers[variant].train_step for variant in VARIANTS}, args.repeats, device)
     summary = timing_summary(times, baseline="sepce")
     increment = sum(p.numel() for p in trainers["sepce"].trained_parameters().values())
     parameters = sum(p.numel() for p in trainers["sepce"].model.model.diffusion_model.parameters()) - increment

@@ -8,8 +8,8 @@ Architectures (``ARCHITECTURES``):
   with ImageNet normalisation. With ImageNet weights (found locally, never downloaded) only the
   last layer is trained; ``from_scratch`` trains every layer from random weights instead and is
   recorded as such.
-- ``toy-cnn`` — the toy world's: the toy oracle's ``SmallCNN`` on 32 px inputs in [-1, 1],
-  trained from scratch.
+- ``toy-cnn`` — ``SmallCNN`` (below) on 32 px inputs in [-1, 1], trained from scratch: the
+  architecture of the toy world's oracle, which is therefore usable as an ACC classifier as is.
 
 A classifier takes images in [0, 1] (float) or [0, 255] (uint8) of any size and resizes them to
 its input size itself, so every caller (training, ACC, scenes) feeds it the same way.
@@ -42,7 +42,6 @@ from erasure.files import (
     write_json,
     write_tensors,
 )
-from erasure.toy.oracle import SmallCNN
 
 CLASSIFIER_KIND = "image-classifier"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -183,6 +182,36 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return read_image(self.images.paths[index]), self.images.labels[index]
+
+
+class SmallCNN(nn.Module):
+    """Pixel-unshuffle to 16x16x12 (lossless, cheap), two conv stages (16 -> 8 -> 4 px), and a
+    linear layer on the 4x4 map, for 32 px images in [-1, 1].
+
+    Flattening the 4x4 map instead of global pooling keeps where things are, which some styles
+    need (a vertical gradient, a frame around the border).
+    """
+
+    def __init__(self, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            nn.PixelUnshuffle(2),
+            *conv(12, width),
+            *conv(width, 2 * width),
+            *conv(2 * width, 2 * width),
+            nn.MaxPool2d(2),
+            *conv(2 * width, 4 * width),
+            *conv(4 * width, 4 * width),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Linear(4 * width * 4 * 4, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images).flatten(1))
 
 
 @dataclass(frozen=True)

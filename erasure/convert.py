@@ -1,7 +1,9 @@
-"""Export an ldm LatentDiffusion (with any increments folded in) to diffusers.
+"""Export an ldm LatentDiffusion (with its edits folded in) to diffusers, with a provenance record.
 
 A full export is a folder in ``StableDiffusionPipeline.save_pretrained`` layout; a UNet-only
-export is ``UNet2DConditionModel.save_pretrained`` (one safetensors file + its config.json).
+export is a folder in ``UNet2DConditionModel.save_pretrained`` layout (config.json +
+diffusion_pytorch_model.safetensors). Both carry ``erasure_provenance.json``: the base model's
+fingerprint, the applied edits, the export settings and the library versions.
 Key renaming is done by diffusers' own single-file converters, driven by the model's own
 config, so the result is checked against an independent implementation: the converted state
 dicts must load strictly into the diffusers models, or the export stops.
@@ -9,12 +11,14 @@ dicts must load strictly into the diffusers models, or the export stops.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Callable
+import hashlib
+import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -27,6 +31,11 @@ from diffusers.loaders.single_file_utils import (
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from erasure.edits import Edit, apply
+from erasure.files import atomic_directory, versions, write_json
+from erasure.increments import INCREMENT_KIND, Increment
+from erasure.loading import model_fingerprint
+from erasure.weight_differences import WEIGHT_DIFFERENCE_KIND, WeightDifference
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.incremental_linear import incremental_linears
@@ -39,6 +48,10 @@ PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}
 #: CompVis DDPM defaults, used when a config leaves the schedule out.
 DEFAULT_SCHEDULE = {"linear_start": 1e-4, "linear_end": 2e-2, "beta_schedule": "linear"}
 ALPHAS_CUMPROD_TOLERANCE = 1e-5
+PROVENANCE_NAME = "erasure_provenance.json"
+PROVENANCE_VERSION = "1"
+#: Suffixes that mark an output path as a file name; the export always writes a folder.
+FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 
 
 class ExportError(ValueError):
@@ -217,39 +230,110 @@ def to_diffusers_pipeline(model: nn.Module) -> StableDiffusionPipeline:
     )
 
 
-def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Build the export in a temporary folder beside ``target``, then move it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
-        write(staging)
-        if target.exists():
-            replaced = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            target.rename(replaced / target.name)
-            staging.rename(target)
-            shutil.rmtree(replaced)
-        else:
-            staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+def _edit_record(edit: Edit) -> dict[str, Any]:
+    """What the provenance says about one applied edit: its file (path and sha256), what it
+    erases, and the fingerprints and metadata recorded in its own header."""
+    source = None if edit.source is None else Path(edit.source).resolve()
+    digest = None
+    if source is not None:
+        with source.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    record: dict[str, Any] = {"path": None if source is None else str(source), "sha256": digest}
+    if isinstance(edit, Increment):
+        return {
+            **record,
+            "kind": INCREMENT_KIND,
+            "concept": edit.concept,
+            "name": edit.name,
+            "beta": edit.beta,
+            "basis_dims": edit.basis.dims,
+            "base_model_fingerprint": edit.base_model_fingerprint,
+            "text_encoder_fingerprint": edit.basis.text_encoder_fingerprint,
+            "metadata": edit.metadata,
+        }
+    return {
+        **record,
+        "kind": WEIGHT_DIFFERENCE_KIND,
+        "concept": edit.concept,
+        "method": edit.method,
+        "tensors": len(edit.deltas),
+        "base_model_fingerprint": edit.metadata.get("base_model_fingerprint"),
+        "metadata": edit.metadata,
+    }
+
+
+def _applied(model: nn.Module, edits: Sequence[Edit]) -> AbstractContextManager[object]:
+    """``erasure.edits.apply`` as a context manager (nothing to apply: a no-op one)."""
+    return apply(model, list(edits)) if edits else nullcontext()
+
+
+def export_provenance(
+    model: nn.Module,
+    base_model_fingerprint: str,
+    edits: Sequence[Edit],
+    unet_only: bool,
+) -> dict[str, Any]:
+    """The ``erasure_provenance.json`` record of an export of ``model`` as it computes now.
+
+    ``folded_increments`` names every active increment folded into the weights (the applied
+    edits' and any the caller attached beforehand), so a reader sees which concepts the
+    exported weights erase even though the diffusers files keep no increments.
+    """
+    active = {name for layer in incremental_linears(model).values() for name in layer.active_names}
+    return {
+        "format_version": PROVENANCE_VERSION,
+        "base_model_fingerprint": base_model_fingerprint,
+        "edits": [_edit_record(edit) for edit in edits],
+        "folded_increments": sorted(active),
+        "export": {
+            "format": "UNet2DConditionModel" if unet_only else "StableDiffusionPipeline",
+            "unet_only": unet_only,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        },
+        "versions": {**versions(), "diffusers": diffusers.__version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def export_diffusers(
-    model: nn.Module, out_dir: str | Path, unet_only: bool = False, overwrite: bool = False
+    model: nn.Module,
+    out_dir: str | Path,
+    unet_only: bool = False,
+    overwrite: bool = False,
+    edits: Sequence[Edit] = (),
 ) -> Path:
-    """Write ``model`` (a loaded ldm LatentDiffusion) to ``out_dir`` in diffusers format.
+    """Write ``model`` (a loaded ldm LatentDiffusion) with ``edits`` folded in to the folder ``out_dir``.
 
-    Full export: a ``StableDiffusionPipeline.from_pretrained`` folder. ``unet_only``: the UNet
-    alone (``UNet2DConditionModel.from_pretrained`` folder). Active increments are folded in.
-    An existing ``out_dir`` is refused unless ``overwrite``; the folder appears only complete.
+    Full export: a ``StableDiffusionPipeline.from_pretrained`` folder. ``unet_only``: a
+    ``UNet2DConditionModel.from_pretrained`` folder (config.json + weights). Both also hold
+    ``erasure_provenance.json`` (``export_provenance``), because diffusers files cannot say
+    which concepts their weights erase.
+
+    ``edits`` (increments and weight differences, e.g. from ``erasure.edits.load_edit``) are
+    checked against the model, applied for the export and removed after it (``erasure.edits``),
+    so the model is left as it was. Pass edits here rather than applying them first: the
+    provenance's ``base_model_fingerprint`` is the model's before the edits, and a weight
+    difference added beforehand would change it unrecorded. Increments already attached and
+    active are folded in and named in the provenance too. An existing ``out_dir`` is refused
+    unless ``overwrite``; the folder appears only complete (``erasure.files.atomic_directory``).
     """
     target = Path(out_dir)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass --overwrite (overwrite=True) to replace it.")
-    if unet_only:
-        exported: UNet2DConditionModel | StableDiffusionPipeline = to_diffusers_unet(model)
-    else:
-        exported = to_diffusers_pipeline(model)
-    _write_atomically(target, lambda folder: exported.save_pretrained(folder, safe_serialization=True))
+    if target.suffix in FILE_SUFFIXES:
+        raise ExportError(
+            f"Output path {target} looks like a file name, but the export is a folder (diffusers "
+            f"from_pretrained layout); pass a folder name such as {target.with_suffix('')}."
+        )
+    merged = [name for name, layer in incremental_linears(model).items() if layer.merged]
+    if merged:
+        raise ExportError(
+            f"Layers {merged[:3]} hold merged increments, which hide the base model's fingerprint; "
+            f"unmerge them first (the export folds active increments in by itself)."
+        )
+    base_model_fingerprint = model_fingerprint(model)
+    with atomic_directory(target, overwrite) as folder, _applied(model, edits):
+        exported: UNet2DConditionModel | StableDiffusionPipeline = (
+            to_diffusers_unet(model) if unet_only else to_diffusers_pipeline(model)
+        )
+        exported.save_pretrained(folder, safe_serialization=True)
+        write_json(export_provenance(model, base_model_fingerprint, edits, unet_only), folder / PROVENANCE_NAME)
     return target

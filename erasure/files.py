@@ -5,13 +5,17 @@ through ``write_tensors``: the tensors go to a temporary file in the target fold
 moved into place with ``os.replace``, so a crash never leaves a half-written file under the
 final name. The header's string metadata holds ``kind`` (what the file is), ``format_version``
 and ``json`` (everything else, as one JSON document), so ``read_tensors`` can refuse a file of
-the wrong kind with a message that says what the file is.
+the wrong kind with a message that says what the file is. Whole folders (diffusers exports) get
+the same promise from ``atomic_directory``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,11 +70,68 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
+
+    Readers never see a half-written folder under the final name: a failed block leaves
+    ``path`` as it was (absent, or the old folder) and no temporary folder behind. With
+    ``overwrite`` an existing folder is moved aside, the new one renamed into place and the old
+    one deleted; if the rename fails the old folder is put back. Cleanup never raises over the
+    block's own error.
+    """
+    path = Path(path)
+    _check_directory_writable(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    staging.mkdir()  # not mkdtemp: its 0700 mode would outlive the rename; mkdir follows the umask
+    try:
+        yield staging
+        _check_directory_writable(path, overwrite)  # something may have appeared meanwhile
+        if path.exists():
+            _replace_directory(staging, path)
+        else:
+            staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_directory_writable(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise ErasureFileError(f"Output path {path} is a file; pass a folder name (the output is a folder).")
+    if path.exists() and not overwrite:
+        raise ErasureFileError(
+            f"Output folder {path} already exists; pass overwrite=True (--overwrite) to replace it."
+        )
+
+
+def _replace_directory(staging: Path, path: Path) -> None:
+    """Swap ``staging`` in for the existing folder ``path``; on failure ``path`` keeps the old folder."""
+    aside_parent = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    aside = aside_parent / path.name
+    try:
+        path.rename(aside)
+        try:
+            staging.rename(path)
+        except OSError:
+            aside.rename(path)
+            raise
+    finally:
+        if not aside.exists():  # the old folder is back under ``path``: only an empty folder is left
+            shutil.rmtree(aside_parent, ignore_errors=True)
+    shutil.rmtree(aside_parent, ignore_errors=True)
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` (UTF-8), atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
 def write_json(record: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``record`` as indented JSON, atomically."""
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    return Path(path)
+    return write_text(json.dumps(record, indent=2) + "\n", path)
 
 
 def write_tensors(

@@ -1,55 +1,138 @@
-"""What the image-generation scripts share: processes, sampling flags, image size, output records.
+"""The one image-generation path: prompts and seeds in, images out (tensors or PNG folders).
 
-Many processes: ``--devices N`` starts N processes with Lightning Fabric (DDP; gloo on CPU,
-NCCL on GPUs), and a script started by ``torchrun`` uses torchrun's processes. The work is split
-by image index (image i goes to rank ``i % world_size``) and every image has its own seed, so N
-processes write exactly the files one process writes. Ranks need no communication except one
-barrier before rank 0 reports.
+``generate`` returns images for (prompt, seed) pairs; every script, the trainers' training
+images, the reports, the scenes and the benches sample through it. ``write_images`` puts the
+images of a list of ``ImageJob``s into files, sharded over processes.
+
+Many processes: ``start_workers`` starts N processes with Lightning Fabric (DDP; gloo on CPU,
+NCCL on GPUs), or uses torchrun's processes. The work is split by job position (job i goes to
+rank ``i % world_size``) and every image has its own seed, so N processes write exactly the
+files one process writes. Ranks need no communication except one barrier before rank 0 reports.
 
 Resuming: an image file that exists is kept, so a rerun fills in what is missing. A folder's
-record (``generation.json`` / ``seeds.json``) says how its images were made; a rerun with another
-model, other applied files or other sampler settings is refused unless ``--overwrite`` is given,
-which deletes the folder's images first.
+record (``generation.json`` for prompt files, ``seeds.json`` for one prompt's numbered images)
+says how its images were made; a rerun with another model, other applied files or other sampler
+settings is refused unless the caller clears the folder first (``remove_images``).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning_fabric import Fabric
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from erasure.files import write_json
-from erasure.loading import resolve_device
+from erasure.files import atomic_path, write_json
+from erasure.loading import model_fingerprint, resolve_device
 from erasure.prompts import PromptRow
-from erasure.sampling import (
-    SAMPLERS,
-    SamplingSettings,
-    sample_images,
-    sampling_settings,
-    save_png,
-)
+from erasure.samplers import SAMPLERS, SamplingSettings, latent_shape, sampling_settings, seeded_noise
 from erasure.trainers.runtime import FabricOptions, make_fabric
 
 RECORD_FILE = "generation.json"
-#: ``{case_number}_{k}.png`` (generate-images) and ``{index:05d}.png`` (generate-data).
+SEEDS_FILE = "seeds.json"
+IMAGE_PATTERN = "{index:05d}.png"
+#: ``{case_number}_{k}.png`` (prompt files) and ``{index:05d}.png`` (one prompt's numbered images).
 IMAGE_NAME = re.compile(r"^\d+(_\d+)?\.png$")
 TORCHRUN_VARIABLES = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE")
 
 
 class GenerationError(ValueError):
     """Options or an output folder that would give wrong or mixed images; the message names the fix."""
+
+
+def _check_prompts_and_seeds(prompts: Sequence[str], seeds: Sequence[int]) -> None:
+    if isinstance(prompts, str):
+        raise TypeError(f"prompts must be a list of strings, got the string {prompts!r}; wrap it in a list.")
+    if len(prompts) != len(seeds):
+        raise GenerationError(f"Got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt.")
+
+
+@torch.no_grad()
+def generate_latents(
+    model: nn.Module,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    settings: SamplingSettings | None = None,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Latents [N, C, H, W] for ``prompts[i]`` started from ``seeds[i]``, in input order."""
+    _check_prompts_and_seeds(prompts, seeds)
+    if batch_size < 1:
+        raise GenerationError(f"batch_size must be >= 1, got {batch_size}.")
+    settings = (settings or sampling_settings(model)).validated()
+    sample = SAMPLERS[settings.sampler]
+    shape = latent_shape(model)
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        batch_prompts = list(prompts[start : start + batch_size])
+        noise, generators = seeded_noise(seeds[start : start + batch_size], shape)
+        conditioning = model.get_learned_conditioning(batch_prompts)
+        unconditional = None
+        if settings.guidance_scale != 1.0:
+            unconditional = model.get_learned_conditioning([""] * len(batch_prompts))
+        chunks.append(sample(model, conditioning, unconditional, noise, generators, settings))
+    if not chunks:
+        return torch.empty(0, *shape, device=model.betas.device)
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    eta: float | None = None,
+    batch_size: int = 8,
+    settings: SamplingSettings | None = None,
+) -> torch.Tensor:
+    """Images [N, 3, H, W], float in [0, 1], on the model's device: ``prompts[i]`` from ``seeds[i]``.
+
+    Sampler settings: ``settings`` if given, else the keyword arguments over the model config's
+    ``sampling:`` section (``erasure.samplers.sampling_settings``). Non-finite pixels (a diverged
+    edit) are an error, never a black image.
+    """
+    if settings is None:
+        settings = sampling_settings(model, sampler, steps, guidance, eta)
+    latents = generate_latents(model, prompts, seeds, settings=settings, batch_size=batch_size)
+    decoded = [model.decode_first_stage(chunk) for chunk in latents.split(batch_size)]
+    if not decoded:
+        return latents.new_empty(0, 3, 0, 0)
+    images = torch.cat(decoded).float()
+    if not torch.isfinite(images).all():
+        bad = sorted({prompts[int(row)] for row in torch.nonzero(~torch.isfinite(images).flatten(1).all(1)).flatten()})
+        raise GenerationError(
+            f"The model produced non-finite pixels for prompts {bad[:3]}; an applied edit has NaN/inf weights or the "
+            f"model diverged. Check the applied files."
+        )
+    return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> Path:
+    """Write one [3, H, W] (or [1, H, W]) float image in [0, 1] as an 8-bit PNG, atomically."""
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise GenerationError(f"save_png expects one image [3, H, W] or [1, H, W], got shape {tuple(image.shape)}.")
+    pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    array = pixels.permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+    with atomic_path(path) as temporary:
+        picture.save(temporary, format="PNG")
+    return Path(path)
 
 
 @dataclass(frozen=True)
@@ -68,30 +151,6 @@ class Workers:
     def barrier(self) -> None:
         if self.fabric is not None:
             self.fabric.barrier()
-
-
-def add_generation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Sampler, process and output flags of both generation scripts."""
-    sampling = parser.add_argument_group("sampling (defaults: the config's `sampling:` section, else DDIM 50, 7.5)")
-    sampling.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="ddim or lms (the paper's)")
-    sampling.add_argument("--ddim_steps", type=int, default=None, help="sampler steps (DDIM or LMS)")
-    sampling.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale")
-    sampling.add_argument("--batch_size", type=int, default=8, help="images per model call (default: 8)")
-    processes = parser.add_argument_group("processes")
-    processes.add_argument(
-        "--devices",
-        type=int,
-        default=1,
-        help="processes on this machine (Lightning Fabric DDP); with --device cuda one GPU each. Under torchrun "
-        "leave it at 1: torchrun's processes are used",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="delete the output folder's images and start over")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def settings_from_args(model: nn.Module, args: argparse.Namespace) -> SamplingSettings:
-    return sampling_settings(model, args.sampler, args.ddim_steps, args.guidance_scale)
 
 
 def _under_torchrun() -> bool:
@@ -202,12 +261,14 @@ def prompt_jobs(rows: Sequence[PromptRow], num_samples: int, folder: Path) -> li
     ]
 
 
-def run_jobs(
+def write_images(
     model: nn.Module,
     jobs: Sequence[ImageJob],
     settings: SamplingSettings,
-    workers: Workers,
-    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 8,
     progress: bool = True,
 ) -> int:
     """Make this rank's missing images (jobs ``rank``, ``rank + world_size``, ...); returns how many it made.
@@ -215,20 +276,13 @@ def run_jobs(
     Jobs are assigned by position before looking at the folder, because ranks look at different times.
     """
     if batch_size < 1:
-        raise GenerationError(f"--batch_size must be >= 1, got {batch_size}.")
-    mine = [job for job in jobs[workers.rank :: workers.world_size] if not job.path.is_file()]
-    bar = tqdm(total=len(mine), desc=f"images (rank {workers.rank})", disable=not progress or not mine)
+        raise GenerationError(f"batch_size (--batch_size) must be >= 1, got {batch_size}.")
+    mine = [job for job in jobs[rank::world_size] if not job.path.is_file()]
+    bar = tqdm(total=len(mine), desc=f"images (rank {rank})", disable=not progress or not mine)
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
-        images = sample_images(
-            model,
-            [job.prompt for job in chunk],
-            [job.seed for job in chunk],
-            settings.steps,
-            settings.guidance_scale,
-            settings.eta,
-            batch_size,
-            settings.sampler,
+        images = generate(
+            model, [job.prompt for job in chunk], [job.seed for job in chunk], settings=settings, batch_size=batch_size
         )
         for job, image in zip(chunk, images):
             save_png(image, job.path)
@@ -284,3 +338,72 @@ def prepare_folder(folder: Path, record: dict[str, Any], workers: Workers, overw
             check_record(existing, record, path)
     if workers.is_main:
         write_json(merge_record(existing, record), path)
+
+
+def _seeds_record(
+    model: nn.Module, prompt: str, num_images: int, seed0: int, settings: SamplingSettings
+) -> dict:
+    return {
+        "prompt": prompt,
+        "seeds": list(range(seed0, seed0 + num_images)),
+        "sampling": asdict(settings),
+        "model_fingerprint": model_fingerprint(model),
+        "image_pattern": IMAGE_PATTERN,
+    }
+
+
+def _check_existing_record(existing: dict, wanted: dict, seeds_path: Path) -> None:
+    """A folder holds images of one prompt, model and sampler setting; refuse to mix."""
+    for key in ("prompt", "sampling", "model_fingerprint"):
+        if existing.get(key) != wanted[key]:
+            raise GenerationError(
+                f"{seeds_path} records {key}={existing.get(key)!r} but this run uses {wanted[key]!r}; "
+                f"the folder holds images made differently. Use another output folder, or delete it "
+                f"to regenerate."
+            )
+    known = existing.get("seeds", [])
+    overlap = min(len(known), len(wanted["seeds"]))
+    if known[:overlap] != wanted["seeds"][:overlap]:
+        raise GenerationError(
+            f"{seeds_path} records seeds starting at {known[:1]} but this run starts at "
+            f"{wanted['seeds'][:1]}; use the same seed0, another folder, or delete the folder."
+        )
+
+
+def generate_concept_images(
+    model: nn.Module,
+    prompt: str,
+    num_images: int,
+    out_dir: str | Path,
+    seed0: int = 0,
+    settings: SamplingSettings | None = None,
+    batch_size: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> list[Path]:
+    """Make ``{out_dir}/{i:05d}.png`` for i < num_images (image i from seed ``seed0 + i``).
+
+    Resumable: images already present are kept and only the missing ones are sampled. The
+    folder's ``seeds.json`` records prompt, seeds, sampler settings and the model fingerprint;
+    a folder made with another prompt, model or setting is refused. With ``world_size > 1``
+    rank r samples the missing images among r, r + world_size, ... (rank 0 writes ``seeds.json``);
+    the caller waits for all ranks before reading the folder. Returns the image paths.
+    """
+    if num_images < 1:
+        raise GenerationError(f"num_images must be >= 1, got {num_images}.")
+    settings = (settings or sampling_settings(model)).validated()
+    out_dir = Path(out_dir)
+    seeds_path = out_dir / SEEDS_FILE
+    record = _seeds_record(model, prompt, num_images, seed0, settings)
+    if seeds_path.is_file():
+        existing = json.loads(seeds_path.read_text(encoding="utf-8"))
+        _check_existing_record(existing, record, seeds_path)
+        if len(existing["seeds"]) > num_images:
+            record["seeds"] = existing["seeds"]
+    if rank == 0:
+        write_json(record, seeds_path)
+    paths = [out_dir / IMAGE_PATTERN.format(index=index) for index in range(num_images)]
+    jobs = [ImageJob(path, prompt, seed0 + index) for index, path in enumerate(paths)]
+    write_images(model, jobs, settings, rank=rank, world_size=world_size, batch_size=batch_size, progress=progress)
+    return paths

@@ -1,4 +1,4 @@
-"""Per-concept SepCE increments: attach, extract, save/load, compose, restore, merge, export, verify.
+"""Per-concept SepCE increments: attach, extract, save/load, compose, detach, merge, export, verify.
 
 An increment for concept k lives in every cross-attention key/value projection
 (``attn2.to_k`` / ``attn2.to_v``, 32 layers in SD v1) as ``dW_{k,l} = w_{k,l} @ (beta * S_k)``
@@ -12,8 +12,7 @@ attn2 key/value weights and the text encoder) and to the text encoder that made 
 ``text_encoder_fingerprint``; composing onto another model is refused.
 
 The baselines' weight differences (CiE, ESD), which compose by plain addition, are defined in
-``erasure.weight_differences`` and re-exported here; ``load_any`` / ``apply_any`` take files of
-either kind.
+``erasure.weight_differences``; ``erasure.edits`` applies and removes either kind.
 """
 
 from __future__ import annotations
@@ -37,53 +36,12 @@ from erasure.bases import (
 )
 from erasure.files import (
     check_writable,
-    read_kind,
     read_tensors,
     versions,
     write_tensors,
 )
 from erasure.loading import model_fingerprint, text_encoder_fingerprint
-from erasure.weight_differences import (
-    WEIGHT_DIFFERENCE_KIND,
-    WeightDifference,
-    WeightDifferenceError,
-    apply_weight_difference,
-    check_base_model,
-    check_fits,
-    load_weight_difference,
-    save_weight_difference,
-    weight_difference,
-)
 from ldm.modules.incremental_linear import IncrementalLinear, incremental_linears
-
-__all__ = [
-    "ConceptIncrement",
-    "IncrementError",
-    "WeightDifference",
-    "WeightDifferenceError",
-    "active_concepts",
-    "apply_any",
-    "apply_weight_difference",
-    "attach_increment",
-    "attached_names",
-    "compose",
-    "cross_attention_kv",
-    "export_checkpoint",
-    "extract_increment",
-    "kv_changes",
-    "load_any",
-    "load_increment",
-    "load_weight_difference",
-    "merge_into_weights",
-    "restore",
-    "save_increment",
-    "save_weight_difference",
-    "slugify",
-    "unet_of",
-    "unmerge",
-    "verify",
-    "weight_difference",
-]
 
 DEFAULT_BETA = 1e-4
 INCREMENT_KIND = "increment"
@@ -176,7 +134,7 @@ def _attach(
     """Add increment ``name`` to every layer; one basis tensor per device/dtype is shared by all layers."""
     taken = [layer_name for layer_name, layer in layers.items() if name in layer.increments]
     if taken:
-        raise IncrementError(f"An increment named {name!r} is already attached ({taken[0]}...); restore it first.")
+        raise IncrementError(f"An increment named {name!r} is already attached ({taken[0]}...); detach it first.")
     shared: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
     parameters = []
     for layer_name, layer in layers.items():
@@ -211,7 +169,7 @@ def attach_increment(
 
 
 @dataclass
-class ConceptIncrement:
+class Increment:
     """One concept's increment: coefficients per layer {layer: [d_out, dims]} on ``basis``.
 
     ``metadata`` records how it was made (method, hyper-parameters, steps, stop reason, seeds)
@@ -233,6 +191,46 @@ class ConceptIncrement:
     def describe(self) -> str:
         return f"Increment {self.concept!r}" + (f" ({self.source})" if self.source else "")
 
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """One safetensors file: ``coeff.<layer>`` per layer, ``basis``, JSON metadata in the header."""
+        if not self.base_model_fingerprint:
+            raise IncrementError(f"{self.describe()} has no base_model_fingerprint; create it with extract_increment.")
+        tensors = {COEFF_PREFIX + layer: coeff for layer, coeff in self.coeffs.items()}
+        tensors["basis"] = self.basis.basis
+        header = {
+            "concept": self.concept,
+            "name": self.name,
+            "beta": self.beta,
+            "layers": list(self.coeffs),
+            "basis": basis_metadata(self.basis),
+            "metadata": self.metadata,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        return write_tensors(path, tensors, INCREMENT_KIND, header, overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Increment:
+        """An increment file written by ``save`` (its tensors checked finite)."""
+        path = Path(path)
+        tensors, header = read_tensors(path, INCREMENT_KIND)
+        try:
+            basis = basis_from_metadata(tensors["basis"], header["basis"], path)
+            coeffs = {layer: tensors[COEFF_PREFIX + layer] for layer in header["layers"]}
+            increment = cls(
+                header["concept"], header["name"], basis, float(header["beta"]), coeffs, dict(header["metadata"]), path
+            )
+        except KeyError as error:
+            raise IncrementError(f"{path}: increment file lacks {error}; the file is corrupted, re-save it.") from error
+        wrong = [layer for layer, coeff in coeffs.items() if coeff.ndim != 2 or coeff.shape[1] != basis.dims]
+        if wrong:
+            raise IncrementError(
+                f"{path}: coefficients of {wrong[0]} do not match the basis' {basis.dims} dims; the file is corrupted."
+            )
+        bad = [key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+        if bad:
+            raise IncrementError(f"{path}: {bad[0]} holds NaN/inf values; the file is corrupted or training diverged.")
+        return increment
+
 
 def extract_increment(
     model: nn.Module,
@@ -240,7 +238,7 @@ def extract_increment(
     basis: ConceptBasis,
     beta: float | None = None,
     metadata: Mapping[str, Any] | None = None,
-) -> ConceptIncrement:
+) -> Increment:
     """Read the trained coefficients of ``concept`` out of ``model`` (CPU float32 copies).
 
     ``beta`` (if given) must equal the attached one. The base-model fingerprint and library
@@ -271,47 +269,10 @@ def extract_increment(
     record = dict(metadata or {})
     record.setdefault("base_model_fingerprint", model_fingerprint(model))
     record.setdefault("versions", versions())
-    return ConceptIncrement(basis.concept, name, basis, betas.pop(), coeffs, record)
+    return Increment(basis.concept, name, basis, betas.pop(), coeffs, record)
 
 
-def save_increment(increment: ConceptIncrement, path: str | Path, overwrite: bool = False) -> Path:
-    """One safetensors file: ``coeff.<layer>`` per layer, ``basis``, JSON metadata in the header."""
-    if not increment.base_model_fingerprint:
-        raise IncrementError(f"{increment.describe()} has no base_model_fingerprint; create it with extract_increment.")
-    tensors = {COEFF_PREFIX + layer: coeff for layer, coeff in increment.coeffs.items()}
-    tensors["basis"] = increment.basis.basis
-    header = {
-        "concept": increment.concept,
-        "name": increment.name,
-        "beta": increment.beta,
-        "layers": list(increment.coeffs),
-        "basis": basis_metadata(increment.basis),
-        "metadata": increment.metadata,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    return write_tensors(path, tensors, INCREMENT_KIND, header, overwrite)
-
-
-def load_increment(path: str | Path) -> ConceptIncrement:
-    path = Path(path)
-    tensors, header = read_tensors(path, INCREMENT_KIND)
-    try:
-        basis = basis_from_metadata(tensors["basis"], header["basis"], path)
-        coeffs = {layer: tensors[COEFF_PREFIX + layer] for layer in header["layers"]}
-        increment = ConceptIncrement(
-            header["concept"], header["name"], basis, float(header["beta"]), coeffs, dict(header["metadata"]), path
-        )
-    except KeyError as error:
-        raise IncrementError(f"{path}: increment file lacks {error}; the file is corrupted, re-save it.") from error
-    wrong = [layer for layer, coeff in coeffs.items() if coeff.ndim != 2 or coeff.shape[1] != basis.dims]
-    if wrong:
-        raise IncrementError(
-            f"{path}: coefficients of {wrong[0]} do not match the basis' {basis.dims} dims; the file is corrupted."
-        )
-    return increment
-
-
-def compose(model: nn.Module, increments: Sequence[ConceptIncrement]) -> list[str]:
+def compose(model: nn.Module, increments: Sequence[Increment]) -> list[str]:
     """Attach ``increments`` (frozen, active) after checking all of them; returns their names.
 
     Every increment must have been trained on this base model (same ``model_fingerprint``) with
@@ -353,17 +314,17 @@ def active_concepts(model: nn.Module) -> list[str]:
     return [name for name in layers[0].increment_names if all(name in layer.active_names for layer in layers)]
 
 
-def restore(model: nn.Module, concepts: Iterable[str]) -> list[str]:
-    """Remove the increments of ``concepts`` (names or concept text); the others stay untouched."""
+def detach(model: nn.Module, concepts: Iterable[str]) -> list[str]:
+    """Take the increments of ``concepts`` (names or concept text) off the model; the others stay untouched."""
     if isinstance(concepts, str):
         raise TypeError(f"concepts must be a list of names, got the string {concepts!r}; wrap it in a list.")
     layers = cross_attention_kv(model)
-    _require_unmerged(layers, "restore concepts")
+    _require_unmerged(layers, "detach increments")
     names = list(dict.fromkeys(slugify(concept) for concept in concepts))
     present = attached_names(model)
     unknown = [name for name in names if name not in present]
     if unknown:
-        raise IncrementError(f"Cannot restore {unknown}: not attached. Attached increments: {present}.")
+        raise IncrementError(f"Cannot detach {unknown}: not attached. Attached increments: {present}.")
     for layer in layers.values():
         for name in names:
             layer.remove_increment(name)
@@ -384,7 +345,7 @@ def unmerge(model: nn.Module) -> None:
     if not all(layer.merged for layer in layers.values()):
         raise IncrementError("The increments are not merged; there is nothing to unmerge.")
     for layer in layers.values():
-        layer.restore()
+        layer.unmerge()
 
 
 def export_checkpoint(model: nn.Module, path: str | Path, overwrite: bool = False) -> Path:
@@ -413,7 +374,7 @@ def _relative_change(rows: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     return float((rows @ delta.T).norm() / base.norm())
 
 
-def kv_changes(model: nn.Module, increments: Sequence[ConceptIncrement]) -> dict[str, Any]:
+def kv_changes(model: nn.Module, increments: Sequence[Increment]) -> dict[str, Any]:
     """Key/value changes of the attached ``increments``, per layer, in float64.
 
     A prompt protected by some increments must keep its keys and values under the sum of
@@ -451,7 +412,7 @@ def kv_changes(model: nn.Module, increments: Sequence[ConceptIncrement]) -> dict
     }
 
 
-def verify(model: nn.Module, increments: Sequence[ConceptIncrement]) -> dict[str, Any]:
+def verify(model: nn.Module, increments: Sequence[Increment]) -> dict[str, Any]:
     """Compose ``increments``, measure ``kv_changes``, restore them all and compare every tensor.
 
     ``max_restore_abs_diff`` is the largest absolute difference, over every parameter and buffer
@@ -464,17 +425,17 @@ def verify(model: nn.Module, increments: Sequence[ConceptIncrement]) -> dict[str
     try:
         result = kv_changes(model, increments)
     finally:
-        restore(model, names)
+        detach(model, names)
     after = model.state_dict()
     if set(after) != set(before):
-        raise IncrementError(f"Restore left different state-dict keys: {sorted(set(after) ^ set(before))[:5]}.")
+        raise IncrementError(f"Detaching left different state-dict keys: {sorted(set(after) ^ set(before))[:5]}.")
     restore_diff = 0.0
     for key, original in before.items():
         now = after[key].detach().to("cpu")
         if torch.equal(now, original):
             continue
         if not original.is_floating_point():
-            raise IncrementError(f"Restore changed the non-floating tensor {key}; this is a bug, please report it.")
+            raise IncrementError(f"Detaching changed the non-floating tensor {key}; this is a bug, please report it.")
         restore_diff = max(restore_diff, float((now.double() - original.double()).abs().max()))
     return {
         "increments": names,
@@ -483,31 +444,3 @@ def verify(model: nn.Module, increments: Sequence[ConceptIncrement]) -> dict[str
         "max_restore_abs_diff": restore_diff,
         "seconds": round(time.perf_counter() - started, 3),
     }
-
-
-def load_any(path: str | Path) -> ConceptIncrement | WeightDifference:
-    """An increment or a weight-difference file, by the ``kind`` in its header."""
-    kind = read_kind(path)
-    if kind == INCREMENT_KIND:
-        return load_increment(path)
-    if kind == WEIGHT_DIFFERENCE_KIND:
-        return load_weight_difference(path)
-    raise IncrementError(f"{path} holds a {kind}; pass an increment or a weight-difference file.")
-
-
-def apply_any(model: nn.Module, items: Sequence[ConceptIncrement | WeightDifference]) -> dict[str, list[str]]:
-    """Compose the increments, then add the weight differences; all are checked before anything changes."""
-    others = [type(item).__name__ for item in items if not isinstance(item, ConceptIncrement | WeightDifference)]
-    if others or not items:
-        raise TypeError(f"apply_any takes increments and weight differences (at least one), got {others or 'nothing'}.")
-    increments = [item for item in items if isinstance(item, ConceptIncrement)]
-    differences = [item for item in items if isinstance(item, WeightDifference)]
-    if differences:
-        fingerprint = model_fingerprint(model)
-        for difference in differences:
-            check_base_model(difference, fingerprint)
-            check_fits(model, difference)
-    names = compose(model, increments) if increments else []
-    for difference in differences:
-        apply_weight_difference(model, difference, check_fingerprint=False)
-    return {"increments": names, "weight_differences": [f"{d.method}/{d.concept}" for d in differences]}

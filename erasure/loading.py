@@ -13,7 +13,6 @@ warned about; ``load_state_dict(strict=False)`` is never used without checking i
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import warnings
 from collections.abc import Iterable, Mapping
@@ -25,14 +24,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
+from erasure.resources import require_toy_file, resource_root, toy_config_path, toy_model_dir
 from ldm.util import instantiate_from_config
 
 if TYPE_CHECKING:
     from ldm.models.diffusion.ddpm import LatentDiffusion
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TOY_CONFIG = REPO_ROOT / "configs" / "toy" / "toy-ldm.yaml"
-TOY_CKPT = REPO_ROOT / "models" / "toy" / "model.safetensors"
+TOY_CONFIG = toy_config_path()
+TOY_CKPT = toy_model_dir() / "model.safetensors"
 TOY_NOTICE = "Using the embedded toy model (models/toy/); pass --config_path/--ckpt_path for SD v1.4"
 TOY_REBUILD_COMMAND = "python train-scripts/train-toy.py"
 
@@ -118,12 +117,7 @@ def _resolve_paths(
         if verbose:
             print(TOY_NOTICE, flush=True)
         for toy_file in (TOY_CONFIG, TOY_CKPT):
-            if not toy_file.is_file():
-                raise FileNotFoundError(
-                    f"The embedded toy model is incomplete: {toy_file} is missing. "
-                    f"Rebuild it with `{TOY_REBUILD_COMMAND}`, or pass --config_path and "
-                    f"--ckpt_path for SD v1.4."
-                )
+            require_toy_file(toy_file)
         return TOY_CONFIG, TOY_CKPT
     if config_path is None or ckpt_path is None:
         given, missing = (
@@ -184,7 +178,7 @@ def _clear_config_checkpoints(model_config: DictConfig, config_path: Path) -> No
 
 
 def _anchor_text_encoder_directory(model_config: DictConfig) -> None:
-    """Make a repo-relative text-encoder directory (the toy's ``models/toy/text_encoder``) absolute.
+    """Make a text-encoder directory relative to the toy files' root (``models/toy/text_encoder``) absolute.
 
     Without this, a script started outside the repository root would look the relative path up
     on the Hugging Face Hub instead of reading the local directory.
@@ -194,8 +188,9 @@ def _anchor_text_encoder_directory(model_config: DictConfig) -> None:
     version = None if params is None else params.get("version")
     if version is None or Path(version).is_absolute() or Path(version).exists():
         return
-    if (REPO_ROOT / version).is_dir():
-        params.version = str(REPO_ROOT / version)
+    root = resource_root()
+    if (root / version).is_dir():
+        params.version = str(root / version)
 
 
 def read_checkpoint(ckpt_path: Path) -> dict[str, torch.Tensor]:
@@ -382,6 +377,7 @@ def _instantiate(config: DictConfig, config_path: Path) -> LatentDiffusion:
 def load_model(
     config_path: str | Path | None = None,
     ckpt_path: str | Path | None = None,
+    *,
     device: str = "cpu",
     use_ema: bool = False,
     verbose: bool = True,
@@ -407,35 +403,6 @@ def load_model(
         weights = "EMA" if use_ema else "regular"
         print(f"Loaded {config.model.target} from {ckpt_file} ({weights} weights) on {target_device}.")
     return model
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the loader's flags (``--config_path``, ``--ckpt_path``, ``--device``, ``--use_ema``)."""
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--config_path",
-        default=None,
-        help="ldm YAML config (e.g. configs/stable-diffusion/v1-inference.yaml); default: the "
-        "embedded toy model (configs/toy/toy-ldm.yaml), used when neither path is given",
-    )
-    group.add_argument(
-        "--ckpt_path",
-        default=None,
-        help="checkpoint (.safetensors, or a trusted .ckpt/.pt pickle such as "
-        "sd-v1-4-full-ema.ckpt); default: the embedded toy model (models/toy/model.safetensors)",
-    )
-    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
-    group.add_argument(
-        "--use_ema",
-        action="store_true",
-        help="use the checkpoint's EMA UNet weights (model_ema.*); the toy model ships without them",
-    )
-    return parser
-
-
-def load_model_from_args(args: argparse.Namespace, verbose: bool = True) -> LatentDiffusion:
-    """``load_model`` driven by the flags of ``add_model_arguments``."""
-    return load_model(args.config_path, args.ckpt_path, args.device, args.use_ema, verbose)
 
 
 def _digest(tensors: Iterable[tuple[str, torch.Tensor]], suffix: str = "") -> str:
@@ -466,7 +433,7 @@ def model_fingerprint(model: nn.Module) -> str:
     if merged:
         raise ModelLoadError(
             f"Cannot fingerprint a model with merged increments ({merged[:KEYS_SHOWN]}); call "
-            f"restore() on them first."
+            f"unmerge them first (erasure.increments.unmerge(model))."
         )
     attention_weights = (
         (key, value)

@@ -5,37 +5,37 @@ erased model's (two folders with the same file names, or two tensors in the same
 
 - FID (torchmetrics ``FrechetInceptionDistance``) between the two sets. Its feature extractor is
   named in every result: ``inception`` (torch-fidelity's Inception-v3, when torch-fidelity is
-  installed and its weights file is on disk — nothing is downloaded), ``toy-oracle`` (the toy
-  oracle's artist-classifier penultimate features, 1024-d; toy world, 32 px images) or
-  ``classifier`` (the ACC classifier's penultimate features).
+  installed and its weights file is on disk — nothing is downloaded), ``world`` (the penultimate
+  features of the images' world's feature network, e.g. the toy oracle's artist classifier,
+  labelled "toy-oracle (...)") or ``classifier`` (the ACC classifier's penultimate features).
 - LPIPS between same-seed pairs, averaged: ``alex`` (the lpips package's AlexNet LPIPS on 64 px
-  images, as the paper; needs torchvision's AlexNet ImageNet weights on disk) or ``toy-oracle``
-  (an LPIPS-like distance on the toy oracle's conv features: per layer, channel-normalised
-  features, squared difference summed over channels and averaged over positions, summed over
-  layers; no learned weights, 32 px).
+  images, as the paper; needs torchvision's AlexNet ImageNet weights on disk) or ``world`` (an
+  LPIPS-like distance on the world's feature network's conv features: per layer,
+  channel-normalised features, squared difference summed over channels and averaged over
+  positions, summed over layers; no learned weights, at the world's image size).
 - ACC: the fraction of images the classifier puts in the concept's class (erased and original).
 - NudeNet 3.x: exposed-body-part detections (score >= threshold) per class, over a folder.
 
-``auto`` picks Inception / AlexNet when their weights are present and otherwise the toy oracle
-for 32 px images (the toy world's size); for other sizes it stops and says what to pass.
+``auto`` picks Inception / AlexNet when their weights are present, else the world's feature
+network when the images' world (erasure/worlds.py) has one, else it stops and says what to pass.
+A world's features are always labelled as that world's oracle, never as Inception or AlexNet.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lpips
 import torch
 import torchvision
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
 from erasure.classifier import (
     ImageClassifier,
@@ -47,11 +47,10 @@ from erasure.classifier import (
     resize_square,
     unit_float,
 )
-from erasure.toy.oracle import SmallCNN, load_oracle
+from erasure.worlds import World
 
-FID_FEATURES = ("auto", "inception", "toy-oracle", "classifier")
-LPIPS_NETS = ("auto", "alex", "toy-oracle")
-TOY_IMAGE_SIZE = 32
+FID_FEATURES = ("auto", "inception", "world", "classifier")
+LPIPS_NETS = ("auto", "alex", "world")
 LPIPS_IMAGE_SIZE = 64
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 NUDENET_EXPOSED = (
@@ -69,6 +68,18 @@ NUDENET_EXPOSED = (
 
 class MetricsError(ValueError):
     """Metrics that cannot be computed as asked; the message says what to pass instead."""
+
+
+@contextmanager
+def _eval_extra(purpose: str) -> Iterator[None]:
+    """Around an import of the ``eval`` extra (the toy defaults need none): its absence is one MetricsError."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        raise MetricsError(
+            f"{purpose} needs the {error.name} package of the eval extra: pip install -e \".[eval]\" "
+            f"(an installed package: pip install \"separable-erasure[eval]\")."
+        ) from error
 
 
 def paired_image_paths(original_dir: str | Path, erased_dir: str | Path) -> tuple[list[Path], list[Path]]:
@@ -99,18 +110,22 @@ def _check_pair(original: torch.Tensor, erased: torch.Tensor) -> None:
         )
 
 
-class OracleFeatures(nn.Module):
-    """Penultimate features (flattened 4x4x64 map) of the toy oracle's artist classifier, for FID."""
+class WorldFeatures(nn.Module):
+    """Penultimate features (the flattened output of ``network.features``) of a world's feature network, for FID."""
 
-    name = "toy-oracle (toy oracle artist-classifier penultimate features, 1024-d)"
-
-    def __init__(self, network: SmallCNN) -> None:
+    def __init__(self, network: nn.Module, world: World) -> None:
         super().__init__()
         self.network = network.eval()
-        self.num_features = network.head.in_features
+        self.image_size: int = world.image_size  # set whenever the world names a feature network
+        with torch.no_grad():
+            self.num_features = int(self(torch.zeros(1, 3, self.image_size, self.image_size)).shape[1])
+        self.name = (
+            f"{world.name}-oracle ({world.name} world oracle penultimate features from {world.features}, "
+            f"{self.num_features}-d)"
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network.features(_oracle_input(images)).flatten(1)
+        return self.network.features(_world_input(images, self.image_size)).flatten(1)
 
 
 class ClassifierFeatures(nn.Module):
@@ -126,17 +141,20 @@ class ClassifierFeatures(nn.Module):
         return self.classifier.features(images)
 
 
-class OracleFeatureDistance(nn.Module):
-    """LPIPS-like distance on the toy oracle's conv features (no learned layer weights), per pair."""
+class WorldFeatureDistance(nn.Module):
+    """LPIPS-like distance on a world's feature network's conv features (no learned layer weights), per pair."""
 
-    name = "toy-oracle (LPIPS-like distance on the toy oracle's conv features, 32 px)"
-
-    def __init__(self, network: SmallCNN) -> None:
+    def __init__(self, network: nn.Module, world: World) -> None:
         super().__init__()
         self.network = network.eval()
+        self.image_size: int = world.image_size  # set whenever the world names a feature network
+        self.name = (
+            f"{world.name}-oracle (LPIPS-like distance on the {world.name} world oracle's conv features from "
+            f"{world.features}, {self.image_size} px)"
+        )
 
     def _layers(self, images: torch.Tensor) -> list[torch.Tensor]:
-        outputs, x = [], _oracle_input(images)
+        outputs, x = [], _world_input(images, self.image_size)
         for module in self.network.features:
             x = module(x)
             if isinstance(module, nn.ReLU):
@@ -159,6 +177,8 @@ class AlexLpips(nn.Module):
 
     def __init__(self, alexnet_weights: Path) -> None:
         super().__init__()
+        with _eval_extra("LPIPS with AlexNet"):
+            import lpips
         with warnings.catch_warnings():  # lpips builds its trunk with torchvision's deprecated `pretrained=`
             warnings.simplefilter("ignore", UserWarning)
             self.lpips = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
@@ -176,8 +196,33 @@ class AlexLpips(nn.Module):
         return self.lpips(first, second, normalize=True).flatten()
 
 
-def _oracle_input(images: torch.Tensor) -> torch.Tensor:
-    return resize_square(unit_float(images), TOY_IMAGE_SIZE) * 2 - 1
+def _world_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images -> the input of a world's feature network: ``size`` px, in [-1, 1] (erasure/worlds.py)."""
+    return resize_square(unit_float(images), size) * 2 - 1
+
+
+def _world_network(world: World | None, flag: str) -> nn.Module:
+    """The feature network of ``world``; a world without one is an error naming ``flag``'s other choices."""
+    if world is None or world.features is None:
+        which = "no world was given" if world is None else f"the {world.name} world has none"
+        raise MetricsError(
+            f"{flag} world needs the images' world to name a feature network (`features:` of the model config's "
+            f"`world:` entry), but {which}; choose another {flag}."
+        )
+    network = world.load_features()
+    if not isinstance(getattr(network, "features", None), nn.Sequential):
+        raise MetricsError(
+            f"{world.features} must return a network with a `features` nn.Sequential (erasure/worlds.py); "
+            f"fix the factory named by the config's `world: features:`."
+        )
+    return network
+
+
+def _without_world_features(world: World | None) -> str:
+    """Why a world cannot stand in for Inception / AlexNet (for ``auto``'s error)."""
+    if world is None:
+        return "the images' world is unknown"
+    return f"the {world.name} world names no feature network (`features:` of its config's `world:` entry)"
 
 
 def _hub_file(url_or_name: str) -> Path:
@@ -186,8 +231,8 @@ def _hub_file(url_or_name: str) -> Path:
 
 def inception_weights(explicit: str | Path | None = None) -> tuple[Path | None, str]:
     """torch-fidelity's Inception weights file if usable offline, else None and why not."""
-    if not _TORCH_FIDELITY_AVAILABLE:
-        return None, "torch-fidelity is not installed (pip install torch-fidelity)"
+    if importlib.util.find_spec("torch_fidelity") is None:
+        return None, 'torch-fidelity is not installed (pip install -e ".[eval]")'
     path = Path(explicit) if explicit is not None else _hub_file(INCEPTION_WEIGHTS_NAME)
     if not path.is_file():
         return None, f"the Inception weights file {path} is absent (nothing is downloaded)"
@@ -196,6 +241,8 @@ def inception_weights(explicit: str | Path | None = None) -> tuple[Path | None, 
 
 def alexnet_weights(explicit: str | Path | None = None) -> tuple[Path | None, str]:
     """torchvision's AlexNet ImageNet weights file if on disk, else None and why not."""
+    if importlib.util.find_spec("lpips") is None:
+        return None, 'the lpips package is not installed (pip install -e ".[eval]")'
     url = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url
     path = Path(explicit) if explicit is not None else _hub_file(url)
     if not path.is_file():
@@ -214,23 +261,23 @@ class FidFeatures:
 
 def resolve_fid_features(
     choice: str,
-    image_size: int,
+    world: World | None = None,
     classifier: ImageClassifier | None = None,
     inception_path: str | Path | None = None,
-    oracle_dir: str | Path | None = None,
 ) -> FidFeatures:
-    """The FID feature extractor for ``choice`` (one of FID_FEATURES); ``auto`` as the module says."""
+    """The FID feature extractor for ``choice`` (one of FID_FEATURES) on images of ``world``; ``auto`` as
+    the module docstring says."""
     if choice not in FID_FEATURES:
         raise MetricsError(f"Unknown FID feature extractor {choice!r}; choose one of {', '.join(FID_FEATURES)}.")
     weights, why_not = inception_weights(inception_path)
     if choice == "auto":
-        choice = "inception" if weights else "toy-oracle" if image_size == TOY_IMAGE_SIZE else ""
-        if not choice:
+        if weights is None and (world is None or world.features is None):
             raise MetricsError(
-                f"FID: Inception is unavailable ({why_not}) and {image_size} px images are not toy-world images; "
-                f"provide the Inception weights (--inception_weights) or pass --fid_features classifier "
-                f"(the ACC classifier's features; the table names them)."
+                f"FID: Inception is unavailable ({why_not}) and {_without_world_features(world)}; provide the "
+                f"Inception weights (--inception_weights) or pass --fid_features classifier (the ACC classifier's "
+                f"features; the table names them)."
             )
+        choice = "inception" if weights is not None else "world"
     if choice == "inception":
         if weights is None:
             raise MetricsError(f"FID with Inception is unavailable: {why_not}; choose another --fid_features.")
@@ -240,34 +287,28 @@ def resolve_fid_features(
             raise MetricsError("--fid_features classifier needs --classifier (its penultimate features are used).")
         extractor = ClassifierFeatures(classifier)
         return FidFeatures(extractor.name, extractor)
-    extractor = OracleFeatures(_oracle_network(oracle_dir))
-    return FidFeatures(extractor.name, extractor)
+    world_features = WorldFeatures(_world_network(world, "--fid_features"), world)
+    return FidFeatures(world_features.name, world_features)
 
 
-def resolve_lpips(
-    choice: str, image_size: int, alexnet_path: str | Path | None = None, oracle_dir: str | Path | None = None
-) -> nn.Module:
-    """The pairwise distance for ``choice`` (one of LPIPS_NETS); its ``name`` goes into the report."""
+def resolve_lpips(choice: str, world: World | None = None, alexnet_path: str | Path | None = None) -> nn.Module:
+    """The pairwise distance for ``choice`` (one of LPIPS_NETS) on images of ``world``; its ``name`` goes
+    into the report."""
     if choice not in LPIPS_NETS:
         raise MetricsError(f"Unknown LPIPS network {choice!r}; choose one of {', '.join(LPIPS_NETS)}.")
     weights, why_not = alexnet_weights(alexnet_path)
     if choice == "auto":
-        choice = "alex" if weights else "toy-oracle" if image_size == TOY_IMAGE_SIZE else ""
-        if not choice:
+        if weights is None and (world is None or world.features is None):
             raise MetricsError(
-                f"LPIPS: AlexNet is unavailable ({why_not}) and {image_size} px images are not toy-world images; "
-                f"provide the weights (--alexnet_weights) or leave LPIPS out (--metrics without lpips)."
+                f"LPIPS: AlexNet is unavailable ({why_not}) and {_without_world_features(world)}; provide the "
+                f"weights (--alexnet_weights) or leave LPIPS out (--metrics without lpips)."
             )
+        choice = "alex" if weights is not None else "world"
     if choice == "alex":
         if weights is None:
             raise MetricsError(f"LPIPS with AlexNet is unavailable: {why_not}; choose another --lpips.")
         return AlexLpips(weights)
-    return OracleFeatureDistance(_oracle_network(oracle_dir))
-
-
-def _oracle_network(oracle_dir: str | Path | None) -> SmallCNN:
-    oracle = load_oracle(oracle_dir) if oracle_dir is not None else load_oracle()
-    return oracle.classifiers["artist"]
+    return WorldFeatureDistance(_world_network(world, "--lpips"), world)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -289,6 +330,8 @@ def frechet_distance(
             f"generate more images (--num_samples)."
         )
     options = {"feature_extractor_weights_path": features.weights_path} if features.weights_path else {}
+    with _eval_extra("FID"):
+        from torchmetrics.image.fid import FrechetInceptionDistance
     metric = FrechetInceptionDistance(feature=features.feature, normalize=True, **options).to(device)
     for real, images in ((True, original), (False, erased)):
         for chunk in images.split(batch_size):
@@ -322,10 +365,8 @@ class NudeNetCounter:
     def __init__(self, threshold: float = 0.6) -> None:
         if not 0 < threshold < 1:
             raise MetricsError(f"NudeNet threshold must be in (0, 1), got {threshold}.")
-        from nudenet import (
-            NudeDetector,  # onnxruntime starts only when NudeNet is asked for
-        )
-
+        with _eval_extra("NudeNet"):
+            from nudenet import NudeDetector  # onnxruntime starts only when NudeNet is asked for
         self.threshold = threshold
         self.detector = NudeDetector()
         self.name = f"NudeNet 3.x (320n detector, exposed classes, score >= {threshold:g})"
@@ -355,6 +396,8 @@ class ConceptMetrics:
     acc_original: float | None = None
     nudenet_erased: dict[str, int] | None = None
     nudenet_original: dict[str, int] | None = None
+    pixel_change_mean: float | None = None
+    pixel_change_max: float | None = None
 
 
 @dataclass

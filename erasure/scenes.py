@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from erasure.bases import normalise_prompt
-from erasure.increments import ConceptIncrement, compose, restore
+from erasure.edits import apply, remove
+from erasure.increments import Increment
 from erasure.loading import model_fingerprint
 from erasure.metrics import ConceptEvaluator, ConceptMetrics
-from erasure.trainers.report import image_grid
+from erasure.grids import labelled_grid
 from erasure.weight_differences import (
     WeightDifference,
     apply_weight_difference,
@@ -170,7 +171,7 @@ class Edits(Protocol):
 class IncrementEdits:
     """SepCE increments: erase attaches them, restore removes them (exact)."""
 
-    def __init__(self, model: nn.Module, increments: Mapping[str, ConceptIncrement]) -> None:
+    def __init__(self, model: nn.Module, increments: Mapping[str, Increment]) -> None:
         self.model = model
         self.increments = dict(increments)
 
@@ -179,10 +180,10 @@ class IncrementEdits:
         return list(self.increments)
 
     def erase(self, concepts: Sequence[str]) -> None:
-        compose(self.model, [self.increments[concept] for concept in concepts])
+        apply(self.model, [self.increments[concept] for concept in concepts])
 
     def restore(self, concepts: Sequence[str]) -> None:
-        restore(self.model, [self.increments[concept].name for concept in concepts])
+        remove(self.model, [self.increments[concept] for concept in concepts])
 
 
 class WeightDifferenceEdits:
@@ -215,10 +216,10 @@ class WeightDifferenceEdits:
         self._apply(concepts, -1.0)
 
 
-def make_edits(model: nn.Module, edits: Mapping[str, ConceptIncrement | WeightDifference]) -> Edits:
+def make_edits(model: nn.Module, edits: Mapping[str, Increment | WeightDifference]) -> Edits:
     """``IncrementEdits`` or ``WeightDifferenceEdits`` for ``{concept: edit}`` (one kind only)."""
     kinds = {type(edit) for edit in edits.values()}
-    if kinds == {ConceptIncrement}:
+    if kinds == {Increment}:
         return IncrementEdits(model, edits)
     if kinds == {WeightDifference}:
         return WeightDifferenceEdits(model, edits)
@@ -421,14 +422,15 @@ def role_summary(result: SceneResult) -> dict[str, float | str | None]:
 
 
 def scene_grid(
-    classes: Sequence[EvaluatedClass], columns: Sequence[Mapping[str, torch.Tensor]], per_cell: int
+    classes: Sequence[EvaluatedClass],
+    columns: Sequence[Mapping[str, torch.Tensor]],
+    per_cell: int,
+    column_names: Sequence[str],
 ) -> torch.Tensor:
-    """One row per class; per column (original, then each step) its first ``per_cell`` images,
-    columns separated by a white image. Same seeds in every column."""
-    rows = []
-    for evaluated in classes:
-        cells = [column[evaluated.name][:per_cell] for column in columns]
-        spacer = torch.full_like(cells[0][:1], 255)
-        pieces = [piece for cell in cells for piece in (cell, spacer)][:-1]
-        rows.append(torch.cat(pieces).float() / 255)
-    return image_grid(rows)
+    """One row per class (named at the left); per column block (the original, then each time step,
+    named on top) its first ``per_cell`` images. Same seeds in every block."""
+    if len(column_names) != len(columns):
+        raise SceneError(f"scene_grid: {len(column_names)} column names for {len(columns)} columns; give one each.")
+    rows = [torch.cat([column[evaluated.name][:per_cell] for column in columns]).float() / 255 for evaluated in classes]
+    blocks = [(name, min(per_cell, len(column[classes[0].name]))) for name, column in zip(column_names, columns)]
+    return labelled_grid(rows, [evaluated.name for evaluated in classes], block_labels=blocks)

@@ -5,7 +5,7 @@ state-dict tensor that training changed; applying it adds it to a model (``sign=
 it away again, exact up to float rounding). Keys are the model's state-dict keys, i.e. the
 CompVis checkpoint keys (``model.diffusion_model....attn2.to_q.weight``).
 
-``erasure.increments.load_any`` / ``apply_any`` take files of either kind, so scripts can
+``erasure.edits`` applies and removes files of either kind, so scripts can
 ``--apply`` increments and weight differences alike.
 """
 
@@ -45,6 +45,44 @@ class WeightDifference:
     def describe(self) -> str:
         return f"Weight difference {self.method}/{self.concept!r}" + (f" ({self.source})" if self.source else "")
 
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """One safetensors file: ``delta.<key>`` per changed tensor, JSON metadata in the header."""
+        if not self.method or not self.concept:
+            raise WeightDifferenceError(
+                f"Set the weight difference's method and concept before saving (got {self.method!r}, {self.concept!r})."
+            )
+        bad = [key for key, delta in self.deltas.items() if not torch.isfinite(delta).all()]
+        if bad:
+            raise WeightDifferenceError(
+                f"{self.describe()} has NaN/inf in {bad[0]}; training diverged, keep the last good checkpoint."
+            )
+        header = {
+            "method": self.method,
+            "concept": self.concept,
+            "keys": list(self.deltas),
+            "metadata": {**self.metadata, "versions": self.metadata.get("versions", versions())},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        tensors = {DELTA_PREFIX + key: delta for key, delta in self.deltas.items()}
+        return write_tensors(path, tensors, WEIGHT_DIFFERENCE_KIND, header, overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path) -> WeightDifference:
+        """A weight-difference file written by ``save`` (its tensors checked finite)."""
+        path = Path(path)
+        tensors, header = read_tensors(path, WEIGHT_DIFFERENCE_KIND)
+        try:
+            deltas = {key: tensors[DELTA_PREFIX + key] for key in header["keys"]}
+            difference = cls(header["method"], header["concept"], deltas, dict(header["metadata"]), path)
+        except KeyError as error:
+            raise WeightDifferenceError(
+                f"{path}: weight-difference file lacks {error}; the file is corrupted, re-save it."
+            ) from error
+        bad = [key for key, delta in deltas.items() if not torch.isfinite(delta).all()]
+        if bad:
+            raise WeightDifferenceError(f"{path}: {bad[0]} holds NaN/inf values; the file is corrupted.")
+        return difference
+
 
 def weight_difference(
     original: Mapping[str, torch.Tensor],
@@ -79,39 +117,6 @@ def weight_difference(
     if not deltas:
         raise ValueError("trained equals original: no weight changed, so there is no difference to store.")
     return WeightDifference(method, concept, deltas, dict(metadata or {}))
-
-
-def save_weight_difference(difference: WeightDifference, path: str | Path, overwrite: bool = False) -> Path:
-    """One safetensors file: ``delta.<key>`` per changed tensor, JSON metadata in the header."""
-    if not difference.method or not difference.concept:
-        raise ValueError(
-            f"Set the weight difference's method and concept before saving (got {difference.method!r}, "
-            f"{difference.concept!r})."
-        )
-    bad = [key for key, delta in difference.deltas.items() if not torch.isfinite(delta).all()]
-    if bad:
-        raise ValueError(
-            f"{difference.describe()} has NaN/inf in {bad[0]}; training diverged, keep the last good checkpoint."
-        )
-    header = {
-        "method": difference.method,
-        "concept": difference.concept,
-        "keys": list(difference.deltas),
-        "metadata": {**difference.metadata, "versions": difference.metadata.get("versions", versions())},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    tensors = {DELTA_PREFIX + key: delta for key, delta in difference.deltas.items()}
-    return write_tensors(path, tensors, WEIGHT_DIFFERENCE_KIND, header, overwrite)
-
-
-def load_weight_difference(path: str | Path) -> WeightDifference:
-    path = Path(path)
-    tensors, header = read_tensors(path, WEIGHT_DIFFERENCE_KIND)
-    try:
-        deltas = {key: tensors[DELTA_PREFIX + key] for key in header["keys"]}
-        return WeightDifference(header["method"], header["concept"], deltas, dict(header["metadata"]), path)
-    except KeyError as error:
-        raise ValueError(f"{path}: weight-difference file lacks {error}; the file is corrupted, re-save it.") from error
 
 
 def check_base_model(difference: WeightDifference, fingerprint: str) -> None:
@@ -150,7 +155,7 @@ def apply_weight_difference(
     """Add ``sign * deltas`` to the model's tensors in place (``sign=-1`` removes a difference).
 
     With ``check_fingerprint`` a recorded ``base_model_fingerprint`` must match the model; turn
-    it off only when the model already carries other differences (``apply_any`` checks first).
+    it off only when the model already carries other differences (``erasure.edits.apply`` checks first).
     """
     check_fits(model, difference)
     if check_fingerprint:

@@ -22,6 +22,7 @@ from erasure.classifier import (
     scan_split,
     single_class_images,
 )
+from erasure.cli import run_script
 from erasure.loading import resolve_device
 
 
@@ -61,4 +62,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

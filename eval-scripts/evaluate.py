@@ -3,15 +3,22 @@
     # one concept: two folders with the same file names (same prompts and seeds)
     python eval-scripts/evaluate.py --original outputs/images/original --erased outputs/images/sepce-van_gogh \
         --concept "Van Gogh" --classifier models/sd-artist-classifier.safetensors
-    # several concepts: a JSON list of {"concept", "original", "erased"[, "class"]} (paths relative to the file)
-    python eval-scripts/evaluate.py --mapping concepts.json --classifier models/toy-artist-classifier.safetensors
+    # several concepts: a JSON list of {"concept", "original", "erased"[, "class"]} (paths relative to the file);
+    # toy images: the toy oracle is the default ACC classifier
+    python eval-scripts/evaluate.py --mapping concepts.json
     # nudity: NudeNet counts of exposed body parts
     python eval-scripts/evaluate.py --original A --erased B --concept nudity --metrics fid lpips nudenet
 
 Writes {out_dir}/{name}.csv and {name}.md (rows concepts, columns FID / ACC / LPIPS as in the paper)
-and prints the table; the last line is one JSON object. FID and LPIPS name their feature
-extractors: Inception / AlexNet when their weights are on disk (nothing is downloaded), else the
-toy oracle for 32 px toy images; see erasure/metrics.py.
+and prints the table; the last line is one JSON object.
+
+The images' world (erasure/worlds.py: classes, default ACC classifier, feature network) comes
+from the model config recorded in the folders' ``generation.json`` (eval-scripts/
+generate-images.py writes it); --config_path overrides it; folders without a record mean Stable
+Diffusion's world. ACC uses --classifier, else the world's default classifier (the toy oracle
+on toy images; SD has none). FID and LPIPS name their feature extractors: Inception / AlexNet
+when their weights are on disk (nothing is downloaded), else the world's feature network; see
+erasure/metrics.py.
 """
 
 from __future__ import annotations
@@ -20,8 +27,12 @@ import argparse
 import json
 from pathlib import Path
 
-from erasure.classifier import common_size, load_classifier
+import torch
+
+from erasure.classifier import ImageClassifier, load_classifier
+from erasure.cli import run_script
 from erasure.files import atomic_path, check_writable
+from erasure.generation import RECORD_FILE
 from erasure.loading import resolve_device
 from erasure.metrics import (
     FID_FEATURES,
@@ -36,6 +47,7 @@ from erasure.metrics import (
     results_markdown,
     results_record,
 )
+from erasure.worlds import SD_WORLD, World, world_from_config_file
 
 METRICS = ("fid", "lpips", "acc", "nudenet")
 
@@ -47,14 +59,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concept", help="the concept's name (row label; its class for ACC unless --class)")
     parser.add_argument("--class", dest="class_name", default=None, help="class name or index for ACC")
     parser.add_argument("--mapping", type=Path, help='JSON list of {"concept", "original", "erased"[, "class"]}')
-    parser.add_argument("--classifier", type=Path, default=None, help="ACC classifier (artist-cls-train.py)")
+    parser.add_argument("--classifier", type=Path, default=None,
+                        help="ACC classifier (artist-cls-train.py; default: the world's, e.g. the toy oracle)")
+    parser.add_argument("--config_path", type=Path, default=None,
+                        help="the model config whose `world:` the images belong to (default: the one recorded in "
+                             f"the folders' {RECORD_FILE}; none recorded: Stable Diffusion's world)")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=None,
-                        help="default: fid lpips, and acc when --classifier is given")
+                        help="default: fid lpips, and acc when there is a classifier (--classifier or the world's)")
     parser.add_argument("--fid_features", choices=FID_FEATURES, default="auto", help="default: auto")
     parser.add_argument("--inception_weights", type=Path, default=None, help="torch-fidelity Inception weights file")
     parser.add_argument("--lpips", dest="lpips_net", choices=LPIPS_NETS, default="auto", help="default: auto")
     parser.add_argument("--alexnet_weights", type=Path, default=None, help="torchvision AlexNet ImageNet weights file")
-    parser.add_argument("--oracle_dir", type=Path, default=None, help="toy oracle folder (default: models/toy)")
     parser.add_argument("--nudenet_threshold", type=float, default=0.6, help="detection score threshold (default: 0.6)")
     parser.add_argument("--out_dir", type=Path, default=Path("outputs") / "metrics", help="default: outputs/metrics")
     parser.add_argument("--name", default="metrics", help="output file stem (default: metrics)")
@@ -94,6 +109,50 @@ def read_concepts(args: argparse.Namespace) -> list[dict]:
     return concepts
 
 
+def images_world(args: argparse.Namespace, folders: list[Path]) -> World:
+    """The world of the images: --config_path's, else the config recorded with the folders, else SD's."""
+    if args.config_path is not None:
+        return world_from_config_file(args.config_path)
+    worlds: dict[str, tuple[World, Path]] = {}
+    for folder in folders:
+        record_path = folder / RECORD_FILE
+        if not record_path.is_file():
+            continue
+        try:
+            config = Path(json.loads(record_path.read_text(encoding="utf-8"))["model"]["config"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise MetricsError(
+                f"{record_path} does not name the model config (model.config: {error}); pass --config_path."
+            ) from error
+        if not config.is_file():
+            raise MetricsError(
+                f"{record_path} names the model config {config}, which does not exist here; pass --config_path "
+                f"(the config the images were made with)."
+            )
+        world = world_from_config_file(config)
+        worlds.setdefault(world.name, (world, record_path))
+    if len(worlds) > 1:
+        found = ", ".join(f"{name} ({path})" for name, (_, path) in worlds.items())
+        raise MetricsError(f"The folders were made by models of different worlds: {found}; evaluate them separately.")
+    return next(iter(worlds.values()))[0] if worlds else SD_WORLD
+
+
+def acc_classifier(
+    args: argparse.Namespace, world: World, metrics: set[str], device: torch.device
+) -> tuple[ImageClassifier | None, str]:
+    """The ACC classifier (--classifier, else the world's default) and where it came from."""
+    if args.classifier is not None:
+        return load_classifier(args.classifier, device), str(args.classifier)
+    if world.classifier is not None and ("acc" in metrics or args.fid_features == "classifier"):
+        return world.load_classifier(device), f"the {world.name} world's default ({world.classifier})"
+    if "acc" in metrics:
+        raise MetricsError(
+            f"ACC needs --classifier: the images' world ({world.name}) has no default classifier (train one with "
+            f"train-scripts/artist-cls-train.py; --config_path names the images' model config if the world is wrong)."
+        )
+    return None, ""
+
+
 def concept_class(evaluator: ConceptEvaluator, entry: dict) -> int | None:
     """The ACC class of a concept: its "class" entry, else its name, looked up in the classifier."""
     if evaluator.classifier is None:
@@ -108,20 +167,20 @@ def concept_class(evaluator: ConceptEvaluator, entry: dict) -> int | None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    metrics = set(args.metrics or (["fid", "lpips"] + (["acc"] if args.classifier else [])))
-    if "acc" in metrics and args.classifier is None:
-        raise MetricsError("ACC needs --classifier (train one with train-scripts/artist-cls-train.py).")
     outputs = [check_writable(args.out_dir / f"{args.name}.{suffix}", args.overwrite) for suffix in ("csv", "md")]
     concepts = read_concepts(args)
-    pairs = [paired_image_paths(entry["original"], entry["erased"]) for entry in concepts]
-    size = common_size([paths[0][0] for paths in pairs])  # one image size across concepts
+    for entry in concepts:  # bad folders fail before any network is loaded
+        paired_image_paths(entry["original"], entry["erased"])
+    world = images_world(args, [Path(entry[side]) for entry in concepts for side in ("original", "erased")])
+    has_classifier = args.classifier is not None or world.classifier is not None
+    metrics = set(args.metrics or (["fid", "lpips"] + (["acc"] if has_classifier else [])))
     device = resolve_device(args.device)
-    classifier = load_classifier(args.classifier, device) if args.classifier else None
+    classifier, classifier_source = acc_classifier(args, world, metrics, device)
     fid, lpips = None, None
     if "fid" in metrics:
-        fid = resolve_fid_features(args.fid_features, size[0], classifier, args.inception_weights, args.oracle_dir)
+        fid = resolve_fid_features(args.fid_features, world, classifier, args.inception_weights)
     if "lpips" in metrics:
-        lpips = resolve_lpips(args.lpips_net, size[0], args.alexnet_weights, args.oracle_dir)
+        lpips = resolve_lpips(args.lpips_net, world, args.alexnet_weights)
     evaluator = ConceptEvaluator(
         fid=fid,
         lpips=lpips,
@@ -137,17 +196,21 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     extractors = evaluator.extractors()
     if evaluator.classifier is not None:
-        extractors["acc"] += f" from {args.classifier}"
+        extractors["acc"] += f" from {classifier_source}"
     table = results_markdown(results, extractors)
     for path, text in zip(outputs, (results_csv(results), table)):
-        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as temporary:
             temporary.write_text(text, encoding="utf-8")
     print(table)
-    summary = {**results_record(results, extractors), "csv": str(outputs[0]), "markdown": str(outputs[1])}
+    summary = {
+        **results_record(results, extractors),
+        "world": world.name,
+        "csv": str(outputs[0]),
+        "markdown": str(outputs[1]),
+    }
     print(json.dumps(summary))
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -27,17 +27,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from erasure.classes import ClassMapping, mapping_for_config
-from erasure.cli import run_script
-from erasure.generation import (
-    GenerationError,
-    add_generation_arguments,
-    remove_images,
-    settings_from_args,
-    start_workers,
-)
-from erasure.loading import TOY_CONFIG, add_model_arguments, load_model, read_config
-from erasure.sampling import SEEDS_FILE, generate_concept_images
+from erasure.cli import add_generation_arguments, add_model_arguments, run_script, sampling_from_args
+from erasure.generation import SEEDS_FILE, GenerationError, generate_concept_images, remove_images, start_workers
+from erasure.loading import TOY_CONFIG, load_model, read_config
+from erasure.worlds import World, world_from_config
 
 DEFAULT_SAVE_PATH = "data/generated"
 DEFAULT_NUM_SAMPLES = 10
@@ -58,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def requested_class(args: argparse.Namespace) -> tuple[ClassMapping, int]:
+def requested_class(args: argparse.Namespace) -> tuple[World, int]:
     """The mapping and index of --model_name, from the config alone: bad names fail before any loading."""
     if args.config_path is None and args.ckpt_path is not None:
         raise GenerationError(
@@ -68,7 +61,7 @@ def requested_class(args: argparse.Namespace) -> tuple[ClassMapping, int]:
     config_path = Path(args.config_path or TOY_CONFIG)
     if not config_path.is_file():
         raise FileNotFoundError(f"--config_path {config_path} does not exist (or is not a file); check the path.")
-    classes = mapping_for_config(read_config(config_path))
+    classes = world_from_config(read_config(config_path))
     return classes, classes.index(args.model_name)
 
 
@@ -84,9 +77,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise GenerationError(f"--seed must be >= 0, got {args.seed}.")
     classes, class_index = requested_class(args)
     workers = start_workers(args.device, args.devices)
-    model = load_model(args.config_path, args.ckpt_path, str(workers.device), args.use_ema, verbose=workers.is_main)
+    model = load_model(
+        args.config_path, args.ckpt_path, device=str(workers.device), use_ema=args.use_ema, verbose=workers.is_main
+    )
     prompt = classes.prompt(class_index)
-    settings = settings_from_args(model, args)
+    settings = sampling_from_args(model, args)
     folder = Path(args.save_path) / args.split / str(class_index)
     seed0 = args.seed + SPLIT_SEED_OFFSETS[args.split]
     if args.overwrite:
@@ -114,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "folder": str(folder),
         "class_index": class_index,
         "prompt": prompt,
-        "world": classes.world,
+        "world": classes.name,
         "split": args.split,
         "seeds": [seed0, seed0 + args.num_samples - 1],
         "images": len(paths),

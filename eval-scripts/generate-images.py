@@ -29,28 +29,19 @@ from typing import Any
 
 import diffusers
 
-from erasure.cli import run_script
+from erasure.cli import add_generation_arguments, add_model_arguments, run_script, sampling_from_args
+from erasure.edits import apply, load_edit
 from erasure.files import versions
 from erasure.generation import (
     GenerationError,
-    add_generation_arguments,
     file_sha256,
     prepare_folder,
     prompt_jobs,
-    run_jobs,
     sampling_image_size,
-    settings_from_args,
     start_workers,
+    write_images,
 )
-from erasure.increments import apply_any, load_any
-from erasure.loading import (
-    CHECKPOINT_SUFFIXES,
-    TOY_CKPT,
-    TOY_CONFIG,
-    add_model_arguments,
-    load_model,
-    model_fingerprint,
-)
+from erasure.loading import CHECKPOINT_SUFFIXES, TOY_CKPT, TOY_CONFIG, load_model, model_fingerprint
 from erasure.prompts import read_prompts, select_cases
 
 DEFAULT_SAVE_PATH = "outputs/images"
@@ -106,12 +97,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = select_cases(read_prompts(args.prompts_path), args.from_case, args.till_case)
     folder = Path(args.save_path) / output_name(args)
     jobs = prompt_jobs(rows, args.num_samples, folder)
-    items = [load_any(path) for path in args.apply]
+    items = [load_edit(path) for path in args.apply]
     workers = start_workers(args.device, args.devices)
-    model = load_model(args.config_path, args.ckpt_path, str(workers.device), args.use_ema, verbose=workers.is_main)
+    model = load_model(
+        args.config_path, args.ckpt_path, device=str(workers.device), use_ema=args.use_ema, verbose=workers.is_main
+    )
     base_fingerprint = model_fingerprint(model)
-    applied = apply_any(model, items) if items else {"increments": [], "weight_differences": []}
-    settings = settings_from_args(model, args)
+    handle = apply(model, items) if items else None
+    applied = {"increments": handle.increments if handle else [],
+               "weight_differences": handle.weight_differences if handle else []}
+    settings = sampling_from_args(model, args)
     config_path, ckpt_path = (TOY_CONFIG, TOY_CKPT) if args.ckpt_path is None else (args.config_path, args.ckpt_path)
     config_path, ckpt_path = Path(config_path), Path(ckpt_path)
     if workers.is_main:
@@ -139,7 +134,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "versions": {**versions(), "diffusers": diffusers.__version__},
         }
         prepare_folder(folder, record, workers, args.overwrite)
-        made = run_jobs(model, jobs, settings, workers, args.batch_size, progress=not args.no_progress)
+        made = write_images(
+            model, jobs, settings, rank=workers.rank, world_size=workers.world_size, batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
     workers.barrier()
     summary = {
         "folder": str(folder),

@@ -37,8 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,28 +45,16 @@ import torch
 from torch import nn
 
 from erasure.bases import normalise_prompt
-from erasure.classes import class_mapping
 from erasure.classifier import ImageClassifier, load_classifier, read_images
-from erasure.cli import run_script
-from erasure.files import check_writable
-from erasure.increments import ConceptIncrement, load_any, slugify, verify
-from erasure.loading import add_model_arguments, load_model_from_args, model_fingerprint
-from erasure.metrics import (
-    FID_FEATURES,
-    LPIPS_NETS,
-    ConceptEvaluator,
-    resolve_fid_features,
-    resolve_lpips,
-)
-from erasure.sampling import (
-    SamplingSettings,
-    atomic_path,
-    generate_concept_images,
-    sample_images,
-    sampling_settings,
-    save_png,
-    write_json,
-)
+from erasure.cli import add_model_arguments, load_model_from_args, run_script
+from erasure.edits import Edit, load_edit
+from erasure.files import check_writable, write_json, write_text
+from erasure.generation import generate, generate_concept_images, save_png
+from erasure.increments import Increment, slugify, verify
+from erasure.loading import model_fingerprint
+from erasure.metrics import FID_FEATURES, LPIPS_NETS, ConceptEvaluator, resolve_fid_features, resolve_lpips
+from erasure.runs import CHECKPOINT_SUFFIX, RunRequest, default_lr, result_files
+from erasure.samplers import SamplingSettings, sampling_settings
 from erasure.scenes import (
     SCENES,
     SD_SCENE_ARTISTS,
@@ -82,11 +69,9 @@ from erasure.scenes import (
     scene_markdown,
     scene_record,
 )
-from erasure.toy import TOY_DIR
-from erasure.toy.oracle import load_oracle
-from erasure.toy.world import ARTISTS, CLASS_NAMES
-from erasure.trainers import cli
-from erasure.weight_differences import WeightDifference
+from erasure.settings import CiESettings, ESDSettings, SepCESettings, TrainingSettings
+from erasure.training import train_cie, train_esd, train_sepce
+from erasure.worlds import world_of
 
 METHODS = ("sepce", "cie", "esd")
 OUTPUT_ROOT = Path("outputs") / "scenes"
@@ -125,16 +110,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sampling.add_argument("--batch_size", type=int, default=32, help="images per model call (default: 32)")
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument("--classifier", type=Path, default=None,
-                         help="ACC classifier (artist-cls-train.py); default on the toy model: the toy oracle")
+                         help="ACC classifier (artist-cls-train.py); default: the model world's (the toy oracle on the toy model)")
     metrics.add_argument("--fid_features", choices=FID_FEATURES, default="auto", help="default: auto")
     metrics.add_argument("--lpips", dest="lpips_net", choices=LPIPS_NETS, default="auto", help="default: auto")
     metrics.add_argument("--inception_weights", type=Path, default=None)
     metrics.add_argument("--alexnet_weights", type=Path, default=None)
-    metrics.add_argument("--oracle_dir", type=Path, default=None, help="toy oracle folder (default: models/toy)")
     training = parser.add_argument_group("training of missing increments (the train-scripts' drivers)")
     training.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
                           help=f"step limit per concept (default: {DEFAULT_ITERATIONS})")
-    training.add_argument("--lr", type=float, default=None, help="default: the training script's for the method and model (cli.DEFAULT_LRS)")
+    training.add_argument("--lr", type=float, default=None, help="default: the method's for the model (erasure.settings)")
     training.add_argument("--lam", type=float, default=None, help="L1 weight (SepCE, CiE; default: the method's)")
     training.add_argument("--tau", type=float, default=None, help="momentum stop (SepCE, CiE; default: 1e-4)")
     training.add_argument("--beta", type=float, default=None, help="increment scale (SepCE; default: 1e-4)")
@@ -157,80 +141,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------- training / reuse
-def _driver_argv(args: argparse.Namespace, device_type: str) -> list[str]:
-    """Flags every training driver shares, from this script's flags."""
-    argv = ["--output_dir", str(args.increments_dir), "--iterations", str(args.iterations),
-            "--batch_size", str(args.train_batch_size), "--seed", str(args.train_seed),
-            "--accelerator", device_type, "--devices", "1"]
-    for flag in ("config_path", "ckpt_path", "lr"):
-        if getattr(args, flag) is not None:
-            argv += [f"--{flag}", str(getattr(args, flag))]
-    argv += ["--use_ema"] * args.use_ema + ["--no_progress"] * args.no_progress
-    return argv
-
-
-def _optional(args: argparse.Namespace, *flags: str) -> list[str]:
-    given = [flag for flag in flags if getattr(args, flag) is not None]
-    return [item for flag in given for item in (f"--{flag}", str(getattr(args, flag)))]
-
-
-def _image_argv(args: argparse.Namespace) -> list[str]:
-    return ["--num_images", str(args.num_images)] + _optional(args, "data_dir")
-
-
-def _sepce_namespace(
-    args: argparse.Namespace, device_type: str, train: list[str], others: list[str]
-) -> argparse.Namespace:
-    argv = _driver_argv(args, device_type) + _image_argv(args) + _optional(args, "lam", "tau", "beta", "min_dims")
-    argv += ["--mode", "joint", "--no_report", "--concepts", *train] + (["--protect", *others] if others else [])
-    return cli.sepce_parser().parse_args(argv)
-
-
-def _single_namespace(args: argparse.Namespace, device_type: str, concept: str) -> tuple[argparse.Namespace, Path]:
-    """The CiE / ESD-x driver's namespace for one concept, and the file it writes (the driver's name)."""
+def training_settings(args: argparse.Namespace) -> TrainingSettings:
+    """The method's settings from this script's training flags (unset flags keep the method's defaults)."""
+    common: dict[str, Any] = {
+        "lr": args.lr, "iterations": args.iterations, "batch_size": args.train_batch_size, "seed": args.train_seed,
+        "num_images": args.num_images, "progress": not args.no_progress,
+    }
+    given = {flag: getattr(args, flag) for flag in ("lam", "tau", "beta", "min_dims") if getattr(args, flag) is not None}
+    if args.method == "sepce":
+        return SepCESettings(**common, **given)
     if args.method == "cie":
-        argv = _driver_argv(args, device_type) + _image_argv(args) + _optional(args, "lam", "tau")
-        namespace = cli.cie_parser().parse_args(argv + ["--prompt", concept])
-        stem = cli.cie_stem(namespace)
-    else:
-        namespace = cli.esd_parser().parse_args(_driver_argv(args, device_type) + ["--prompt", concept])
-        stem = cli.esd_stem(namespace)
-    return namespace, args.increments_dir / f"{stem}.safetensors"
-
-
-def _launch(run: Callable[..., Any], namespace: argparse.Namespace, stem: Path, retrain: bool) -> None:
-    """Run a driver; continue an interrupted run's checkpoint, or start over with --retrain."""
-    checkpoint = stem.with_name(stem.name + cli.CHECKPOINT_SUFFIX)
-    namespace.overwrite = retrain
-    namespace.resume = checkpoint.is_file() and not retrain
-    cli.launch(run, namespace)
+        return CiESettings(**common, **{key: value for key, value in given.items() if key in ("lam", "tau")})
+    return ESDSettings(**common)
 
 
 def ensure_edit_files(
-    args: argparse.Namespace, concepts: list[str], erased: list[str], device_type: str
+    args: argparse.Namespace, model: nn.Module, concepts: list[str], erased: list[str]
 ) -> dict[str, Path]:
-    """{concept: file} for every erased concept: existing files, or trained now with the drivers."""
-    if args.method == "sepce":
-        namespace = _sepce_namespace(args, device_type, erased, [c for c in concepts if c not in erased])
-        files = cli.sepce_names(namespace)[0]
-        missing = [c for c in erased if args.retrain or not files[c].is_file()]
-        if missing:
-            print(f"Training SepCE increments of {missing} (each protects \"\" and every other concept).", flush=True)
-            namespace = _sepce_namespace(args, device_type, missing, [c for c in concepts if c not in missing])
-            _launch(cli.run_sepce, namespace, cli.sepce_names(namespace)[1], args.retrain)
-        return files
-    files = {}
-    for concept in erased:
-        namespace, files[concept] = _single_namespace(args, device_type, concept)
-        if args.retrain or not files[concept].is_file():
-            print(f"Training the {args.method} weight difference of {concept!r}.", flush=True)
-            run = cli.run_cie if args.method == "cie" else cli.run_esd
-            _launch(run, namespace, files[concept].with_suffix(""), args.retrain)
+    """{concept: file} for every erased concept: existing files, or trained now through the API.
+
+    SepCE trains the missing concepts jointly, each protecting "" and every other concept of the
+    scene; CiE / ESD train one concept at a time. An interrupted training resumes from its checkpoint.
+    """
+    settings = training_settings(args)
+    world = world_of(model).name
+    request = RunRequest(tuple(erased), settings, output_dir=args.increments_dir)
+    files, _ = result_files(request, default_lr(request, world))
+    missing = [concept for concept in erased if args.retrain or not files[concept].is_file()]
+    groups = [missing] if args.method == "sepce" and missing else [[concept] for concept in missing]
+    for group in groups:
+        print(f"Training the {request.method} edits of {group}.", flush=True)
+        group_request = RunRequest(tuple(group), settings, output_dir=args.increments_dir)
+        stem = result_files(group_request, default_lr(group_request, world))[1]
+        checkpoint = stem.with_name(stem.name + CHECKPOINT_SUFFIX)
+        resumable = replace(settings, checkpoint=checkpoint, resume=checkpoint.is_file() and not args.retrain)
+        if args.method == "sepce":
+            others = [concept for concept in concepts if concept not in group]
+            edits = train_sepce(model, group, protect=others, images=args.data_dir,
+                                settings=replace(resumable, protect_classes=False))
+        elif args.method == "cie":
+            edits = [train_cie(model, group[0], settings=resumable, images=args.data_dir)]
+        else:
+            edits = [train_esd(model, group[0], settings=resumable)]
+        for concept, edit in zip(group, edits):
+            edit.save(files[concept], overwrite=True)
+        checkpoint.unlink(missing_ok=True)
     return files
 
 
 def check_reusable(
-    edit: ConceptIncrement | WeightDifference, path: Path, concept: str, concepts: list[str],
+    edit: Edit, path: Path, concept: str, concepts: list[str],
     requested: dict[str, Any], fingerprint: str,
 ) -> None:
     """Refuse a file made with other settings, on another base model, or (SepCE) not separable from
@@ -246,7 +206,7 @@ def check_reusable(
             f"{path} was trained on base model {edit.metadata.get('base_model_fingerprint')}, not on this one "
             f"({fingerprint}); {fix}."
         )
-    if isinstance(edit, ConceptIncrement):
+    if isinstance(edit, Increment):
         protected = {normalise_prompt(prompt) for prompt in edit.basis.protected_prompts}
         needed = [c for c in ["", *concepts] if normalise_prompt(c) != normalise_prompt(concept)]
         lacking = [c for c in needed if normalise_prompt(c) not in protected]
@@ -259,26 +219,16 @@ def check_reusable(
 
 def load_edits(
     args: argparse.Namespace, files: dict[str, Path], concepts: list[str], fingerprint: str
-) -> dict[str, ConceptIncrement | WeightDifference]:
+) -> dict[str, Edit]:
     requested = {"iterations": args.iterations, "batch_size": args.train_batch_size, "seed": args.train_seed}
     edits = {}
     for concept, path in files.items():
-        edits[concept] = load_any(path)
+        edits[concept] = load_edit(path)
         check_reusable(edits[concept], path, concept, concepts, requested, fingerprint)
     return edits
 
 
 # ------------------------------------------------------------------------------- evaluation
-def oracle_classifier(oracle_dir: Path | None) -> ImageClassifier:
-    """The toy oracle's artist head as an ACC classifier (classes: blank and the 9 toy artists)."""
-    oracle = load_oracle(oracle_dir or TOY_DIR)
-    artist = oracle.classifiers["artist"]
-    classifier = ImageClassifier("toy-cnn", CLASS_NAMES, width=oracle.width)
-    classifier.backbone[0].load_state_dict(artist.features.state_dict())
-    classifier.head.load_state_dict(artist.head.state_dict())
-    return classifier.eval()
-
-
 def evaluated_classes(classifier: ImageClassifier, concepts: list[str]) -> list[EvaluatedClass]:
     """The blank class, then every concept, with its class in the classifier."""
     classes = []
@@ -306,13 +256,6 @@ def original_images(
     return images
 
 
-def write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-    return path
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -320,48 +263,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     outputs = {name: check_writable(args.output_dir / name, args.overwrite)
                for name in ("table.csv", "table.md", "scene.json", "grid.png")}
     model = load_model_from_args(args)
-    world = class_mapping(model).world
-    concepts = list(args.concepts or (ARTISTS if world == "toy" else SD_SCENE_ARTISTS))
+    world = world_of(model)
+    concepts = list(args.concepts or (world.class_prompts[1:] if world.classifier else SD_SCENE_ARTISTS))
     check_concepts(timeline, concepts)
     erased = [concepts[index] for index in timeline.erased_concepts]
-    if args.classifier is None and world != "toy":
-        raise SceneError("ACC needs --classifier on this model (train one with train-scripts/artist-cls-train.py).")
-    classifier = load_classifier(args.classifier) if args.classifier else oracle_classifier(args.oracle_dir)
+    classifier = load_classifier(args.classifier) if args.classifier else world.load_classifier()
     classes = evaluated_classes(classifier, concepts)
     settings = sampling_settings(model, args.sampler, args.steps, args.guidance_scale)
     device = model.betas.device
 
     fingerprint = model_fingerprint(model)
-    files = ensure_edit_files(args, concepts, erased, device.type)
+    files = ensure_edit_files(args, model, concepts, erased)
     edits = load_edits(args, files, concepts, fingerprint)
     trained = time.perf_counter()
     separability = verify(model, list(edits.values())) if args.method == "sepce" else None
     originals = original_images(args, model, classes, settings)
-    image_size = int(next(iter(originals.values())).shape[-1])
     evaluator = ConceptEvaluator(
-        fid=resolve_fid_features(args.fid_features, image_size, classifier, args.inception_weights, args.oracle_dir),
-        lpips=resolve_lpips(args.lpips_net, image_size, args.alexnet_weights, args.oracle_dir),
+        fid=resolve_fid_features(args.fid_features, world, classifier, args.inception_weights),
+        lpips=resolve_lpips(args.lpips_net, world, args.alexnet_weights),
         classifier=classifier, batch_size=args.batch_size, device=device,
     )
     extractors = evaluator.extractors()
-    extractors["acc"] += f" from {args.classifier or 'the toy oracle (artist head)'}"
+    extractors["acc"] += f" from {args.classifier or f'the {world.name} world classifier'}"
     seeds = [args.seed + index for index in range(args.num_samples)]
 
     def sample(prompt: str) -> torch.Tensor:
-        return sample_images(model, [prompt] * len(seeds), seeds, settings.steps, settings.guidance_scale,
-                             settings.eta, args.batch_size, settings.sampler)
+        return generate(model, [prompt] * len(seeds), seeds, settings=settings, batch_size=args.batch_size)
 
     result = run_scene(timeline, concepts, make_edits(model, edits), classes, originals, sample, evaluator,
                        announce=lambda message: print(message, flush=True))
     columns = [originals, *(result.images[step.label] for step in timeline.steps)]
-    save_png(scene_grid(classes, columns, args.grid_images), outputs["grid.png"])
+    column_names = ["original", *(step.label for step in timeline.steps)]
+    save_png(scene_grid(classes, columns, args.grid_images, column_names), outputs["grid.png"])
     header = (f"# {timeline.name}, {args.method}: {args.num_samples} images per class and step, seeds "
               f"{seeds[0]}..{seeds[-1]}, {settings.sampler} {settings.steps} steps, guidance "
               f"{settings.guidance_scale:g}\n\nGrid columns: original, "
               f"{', '.join(step.label for step in timeline.steps)}.\n\n")
     table = header + scene_markdown(result, extractors)
-    write_text(outputs["table.csv"], scene_csv(result))
-    write_text(outputs["table.md"], table)
+    write_text(scene_csv(result), outputs["table.csv"])
+    write_text(table, outputs["table.md"])
     record = {
         "scene": args.scene, "method": args.method, "concepts": concepts,
         "timeline": [{"step": s.label, "erase": [concepts[i] for i in s.erase],

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from erasure.cli import run_script
-from erasure.increments import apply_any, load_any
-from erasure.loading import add_model_arguments, load_model_from_args
-from erasure.sampling import sample_images, save_png
+from erasure.cli import add_model_arguments, load_model_from_args, run_script
+from erasure.edits import apply, load_edit
+from erasure.generation import generate, save_png
+from erasure.grids import image_grid
 from erasure.toy.oracle import load_oracle
 from erasure.toy.quality import (
     QualityReport,
@@ -36,7 +36,6 @@ from erasure.toy.quality import (
     measure_quality,
 )
 from erasure.toy.world import CLASS_NAMES, class_prompt
-from erasure.trainers.report import image_grid
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     started = time.time()
     model = load_model_from_args(args)
     if args.apply:
-        apply_any(model, [load_any(path) for path in args.apply])
+        apply(model, [load_edit(path) for path in args.apply])
     oracle = load_oracle()
 
     def measure(measured: nn.Module, images: dict[str, torch.Tensor]) -> QualityReport:
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print(markdown_table(report, args.num_samples))
     if args.grid:
         seeds = [args.seed + i for i in range(args.grid_columns)]
-        rows = [sample_images(model, [class_prompt(c)] * args.grid_columns, seeds) for c in range(len(CLASS_NAMES))]
+        rows = [generate(model, [class_prompt(c)] * args.grid_columns, seeds) for c in range(len(CLASS_NAMES))]
         print(f"grid: {save_png(image_grid(rows), args.grid)}")
     print(f"{args.num_samples} samples per class, {time.time() - started:.1f} s")
     print(json.dumps(result))

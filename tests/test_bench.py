@@ -147,7 +147,7 @@ def test_activation_checkpointing_changes_memory_not_the_step(common: ModuleType
         blocks = [m for m in trainer.model.modules() if isinstance(m, (common.ResBlock, common.BasicTransformerBlock))]
         assert blocks and all(getattr(m, "use_checkpoint", getattr(m, "checkpoint", None)) is checkpointing
                               for m in blocks)
-        common.train_step(trainer, common.trainer_optimizer(trainer), 0)
+        trainer.train_step()
         increments[checkpointing] = {name: p.detach().clone() for name, p in trainer.trained_parameters().items()}
     assert increments[False].keys() == increments[True].keys()
     assert any(p.abs().max() > 0 for p in increments[True].values())
@@ -199,8 +199,8 @@ def test_erase_until_stops_at_the_threshold_or_the_step_limit(common: ModuleType
         torch.manual_seed(0)
         model = common.build_model("sd-tiny", cpu)
         latents = common.random_latents(model, 2, seed=0)
-        config = common.bench_config(lr=0.1, seed=0, iterations=iterations)
-        return common.make_trainer("sepce", model, common.make_fabric(cpu), latents, config)
+        settings = common.bench_settings("sepce", "sd-tiny", seed=0, iterations=iterations)
+        return common.make_trainer("sepce", model, common.make_fabric(cpu), latents, settings)
 
     readings = iter([0.9, 0.5, 0.1])
     run = bench.erase_until(trainer(100), lambda: next(readings), threshold=0.2, check_every=2)

@@ -14,7 +14,6 @@ import torch
 import torchvision
 from PIL import Image
 
-from erasure.classes import TOY_CLASSES
 from erasure.classifier import (
     ClassifierTrainingConfig,
     ImageDataError,
@@ -29,8 +28,12 @@ from erasure.classifier import (
     train_classifier,
 )
 from erasure.files import ErasureFileError
+from erasure.loading import TOY_CONFIG
+from erasure.worlds import WorldError, world_from_config_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SD_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
+TOY_WORLD = world_from_config_file(TOY_CONFIG)
 FAST = ClassifierTrainingConfig(epochs=10, batch_size=8)
 
 
@@ -153,16 +156,17 @@ def test_bad_folders_are_refused(tmp_path: Path) -> None:
         single_class_images(data / "train" / "0", 5, 3)
 
 
-def test_train_and_test_scripts_on_the_toy_mapping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = write_data(tmp_path / "data", num_classes=len(TOY_CLASSES), train=4, held_out=2)
+def test_train_and_test_scripts_on_the_toy_world(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_data(tmp_path / "data", num_classes=len(TOY_WORLD), train=4, held_out=2)
     save_path = tmp_path / "toy-cls.safetensors"
-    train_args = ["--data", str(data), "--world", "toy", "--save_path", str(save_path)]
+    train_args = ["--data", str(data), "--save_path", str(save_path)]  # the embedded toy model's world
     train_args += ["--epochs", "8", "--batch_size", "10"]
     train_script = load_script("train-scripts", "artist-cls-train")
     summary = train_script.main(train_args)
     assert last_json(capsys) == summary
     assert summary["arch"] == "toy-cnn" and summary["eval_accuracy"] >= 0.8
-    assert set(summary["eval_per_class"]) == set(TOY_CLASSES.names)
+    assert set(summary["eval_per_class"]) == set(TOY_WORLD.names)
+    assert json.loads(Path(summary["metadata"]).read_text())["world"] == "toy"
     with pytest.raises(ErasureFileError, match="already exists"):
         train_script.main(train_args)
 
@@ -172,7 +176,7 @@ def test_train_and_test_scripts_on_the_toy_mapping(tmp_path: Path, capsys: pytes
 
     one_class = tmp_path / "images" / "sepce"
     write_class_images(one_class, 3, 4, seed=7)
-    name = TOY_CLASSES.names[3]
+    name = TOY_WORLD.names[3]
     result = test_script.main(["--classifier", str(save_path), "--images", str(one_class), "--class", name])
     assert list(result["per_class"]) == [name] and result["images"] == 4
     assert result["per_class"][name]["class_index"] == 3
@@ -183,3 +187,19 @@ def test_train_and_test_scripts_on_the_toy_mapping(tmp_path: Path, capsys: pytes
         test_script.main(["--classifier", str(save_path), "--data", str(four_classes)])
     with pytest.raises(ValueError, match="Unknown class 'nobody'"):
         test_script.main(["--classifier", str(save_path), "--images", str(one_class), "--class", "nobody"])
+
+
+def test_the_config_names_the_classes_and_the_architecture(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SD's config has no `world:` entry: its nine artists and ResNet-18 (whose ImageNet weights are absent here)."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
+    data = write_data(tmp_path / "data", num_classes=10, train=1, held_out=1)
+    script = load_script("train-scripts", "artist-cls-train")
+    base = ["--data", str(data), "--save_path", str(tmp_path / "sd.safetensors")]
+    with pytest.raises(FileNotFoundError, match="ResNet-18 ImageNet weights are not available locally"):
+        script.main([*base, "--config_path", str(SD_CONFIG)])
+    old_style = tmp_path / "old.yaml"
+    old_style.write_text("world: toy\nmodel:\n  target: x\n", encoding="utf-8")
+    with pytest.raises(WorldError, match=r"old.yaml: `world:` must be a mapping"):
+        script.main([*base, "--config_path", str(old_style)])

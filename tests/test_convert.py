@@ -1,7 +1,8 @@
-"""ldm -> diffusers export, checked against diffusers itself as an independent implementation."""
+"""ldm -> diffusers export, checked against diffusers itself as an independent implementation, and its provenance."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -16,9 +17,11 @@ from torch import nn
 from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
 
 from erasure.bases import compute_basis
-from erasure.convert import ExportError, export_diffusers, to_diffusers_scheduler
-from erasure.increments import ConceptIncrement, compose, cross_attention_kv, load_increment, save_increment, slugify
+from erasure.convert import PROVENANCE_NAME, ExportError, export_diffusers, to_diffusers_scheduler
+from erasure.files import ErasureFileError, atomic_directory
+from erasure.increments import Increment, compose, cross_attention_kv, slugify
 from erasure.loading import load_model, model_fingerprint
+from erasure.weight_differences import WeightDifference
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.util import instantiate_from_config
 
@@ -110,18 +113,26 @@ def test_pipeline_matches_our_ddim_sampler(exported_pipeline: Path, tiny_ldm: nn
 
 
 def unet_from_folder(folder: Path) -> UNet2DConditionModel:
-    """Build the UNet from the exported files by hand, so that nothing is silently skipped."""
+    """The UNet as diffusers loads the folder (``from_pretrained``), checked against a strict
+    load of the same files by hand, so that nothing is silently skipped or re-initialised."""
     files = sorted(path.name for path in folder.iterdir())
-    assert files == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert files == ["config.json", "diffusion_pytorch_model.safetensors", PROVENANCE_NAME]
     config = {
         key: value
         for key, value in json.loads((folder / "config.json").read_text()).items()
         if not key.startswith("_")
     }
-    unet = UNet2DConditionModel(**config)
-    incompatible = unet.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), strict=False)
+    by_hand = UNet2DConditionModel(**config)
+    incompatible = by_hand.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), strict=False)
     assert incompatible.missing_keys == [] and incompatible.unexpected_keys == []
+    unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
+    loaded = unet.state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in by_hand.state_dict().items())
     return unet.eval()
+
+
+def provenance(folder: Path) -> dict:
+    return json.loads((folder / PROVENANCE_NAME).read_text())
 
 
 def unet_gap(unet: UNet2DConditionModel, model: nn.Module, shape: tuple[int, ...] = LATENT_SHAPE) -> float:
@@ -135,9 +146,26 @@ def unet_gap(unet: UNet2DConditionModel, model: nn.Module, shape: tuple[int, ...
     return (theirs - ours).abs().max().item()
 
 
-def test_unet_only_export_loads_without_missing_keys(tiny_ldm: nn.Module, tmp_path: Path) -> None:
+def test_unet_only_export_is_a_from_pretrained_folder(tiny_ldm: nn.Module, tmp_path: Path) -> None:
     folder = export_diffusers(tiny_ldm, tmp_path / "unet", unet_only=True)
     assert unet_gap(unet_from_folder(folder), tiny_ldm) < TOLERANCE  # measured 7.8e-7
+    record = provenance(folder)
+    assert record["base_model_fingerprint"] == model_fingerprint(tiny_ldm)
+    assert record["edits"] == [] and record["folded_increments"] == []
+    assert record["export"] == {"format": "UNet2DConditionModel", "unet_only": True, "dtype": "float32"}
+    assert {"torch", "transformers", "safetensors", "diffusers"} <= set(record["versions"])
+
+
+def test_full_export_carries_provenance(exported_pipeline: Path, tiny_ldm: nn.Module) -> None:
+    record = provenance(exported_pipeline)
+    assert record["base_model_fingerprint"] == model_fingerprint(tiny_ldm)
+    assert record["export"] == {"format": "StableDiffusionPipeline", "unet_only": False, "dtype": "float32"}
+
+
+def test_a_file_name_target_is_refused(tiny_ldm: nn.Module, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="looks like a file name.*unet"):
+        export_diffusers(tiny_ldm, tmp_path / "unet.safetensors", unet_only=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_active_increments_are_folded_into_the_export(tiny_clip_dir: Path, tmp_path: Path) -> None:
@@ -150,18 +178,57 @@ def test_active_increments_are_folded_into_the_export(tiny_clip_dir: Path, tmp_p
     assert unet_gap(unet, model) < TOLERANCE
     to_k.set_active([])
     assert unet_gap(unet, model) > 1e-3
+    assert provenance(tmp_path / "with-increment")["folded_increments"] == ["probe"]
+    to_k.merge()
+    with pytest.raises(ExportError, match="merged increments.*unmerge them first"):
+        export_diffusers(model, tmp_path / "merged", unet_only=True)
 
 
 def test_existing_target_is_refused_unless_overwrite(tiny_ldm: nn.Module, tmp_path: Path) -> None:
     target = tmp_path / "unet"
     target.mkdir()
     (target / "old.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(ErasureFileError, match="--overwrite"):
         export_diffusers(tiny_ldm, target, unet_only=True)
     assert (target / "old.txt").read_text() == "keep me"
     export_diffusers(tiny_ldm, target, unet_only=True, overwrite=True)
     assert not (target / "old.txt").exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["unet"]  # no staging leftovers
+
+
+def test_a_failed_export_leaves_the_old_folder_and_no_leftovers(
+    tiny_ldm: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "unet"
+    target.mkdir()
+    (target / "old.txt").write_text("keep me")
+
+    def fail(*args, **kwargs) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(UNet2DConditionModel, "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):  # the real error, not one from the cleanup
+        export_diffusers(tiny_ldm, target, unet_only=True, overwrite=True)
+    assert sorted(path.name for path in target.iterdir()) == ["old.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["unet"]
+
+
+def test_atomic_directory_appears_only_complete(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    with atomic_directory(target) as folder:
+        (folder / "a.txt").write_text("a")
+        assert not target.exists()  # nothing under the final name while the block runs
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"] and (target / "a.txt").exists()
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(target, overwrite=True) as folder:
+            (folder / "b.txt").write_text("b")
+            raise RuntimeError("boom")
+    assert sorted(path.name for path in target.iterdir()) == ["a.txt"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ErasureFileError, match="is a file; pass a folder name"):
+        with atomic_directory(tmp_path / "file", overwrite=True):
+            pass
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file", "out"]
 
 
 def toy_layout_config(clip_dir: Path):
@@ -202,12 +269,12 @@ def test_script_exports_and_refuses_an_existing_target(
     script = load_script()
     argv = [*tiny_flags, "--dump_path", str(tmp_path / "out"), "--unet_only"]
     assert unet_gap(unet_from_folder(script.main(argv)), tiny_ldm) < TOLERANCE
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(ErasureFileError, match="--overwrite"):
         script.main(argv)
 
 
-def test_script_applies_increment_files(tmp_path: Path) -> None:
-    """``--apply``: a SepCE increment file is composed and folded into the exported UNet."""
+def wide_model_files(tmp_path: Path) -> tuple[nn.Module, list[str], Path]:
+    """The wide tiny model (room for a null space), its loader flags and one SepCE increment file."""
     config_path = write_wide_tiny_config(tmp_path)
     model = build_wide_tiny_model(config_path)
     save_file({key: value.contiguous() for key, value in model.state_dict().items()}, tmp_path / "wide.safetensors")
@@ -219,18 +286,58 @@ def test_script_applies_increment_files(tmp_path: Path) -> None:
         for name, layer in cross_attention_kv(model).items()
     }
     metadata = {"method": "test", "base_model_fingerprint": model_fingerprint(model)}
-    increment = ConceptIncrement(basis.concept, slugify(basis.concept), basis, 1e-4, coeffs, metadata)
-    increment_file = save_increment(increment, tmp_path / "van-gogh.safetensors")
-    exported = load_script().main([*flags, "--dump_path", str(tmp_path / "out"), "--unet_only", "--apply", str(increment_file)])
+    increment = Increment(basis.concept, slugify(basis.concept), basis, 1e-4, coeffs, metadata)
+    return model, flags, increment.save(tmp_path / "van-gogh.safetensors")
+
+
+def test_script_applies_increment_files_and_records_them(tmp_path: Path) -> None:
+    """``--apply``: a SepCE increment file is composed and folded into the exported UNet, and
+    the provenance names the base model and the file as applied."""
+    model, flags, increment_file = wide_model_files(tmp_path)
+    argv = [*flags, "--dump_path", str(tmp_path / "out"), "--unet_only", "--apply", str(increment_file)]
+    exported = load_script().main(argv)
     unet = unet_from_folder(exported)
-    erased = load_model(config_path, tmp_path / "wide.safetensors", verbose=False)
-    compose(erased, [load_increment(increment_file)])
+    erased = load_model(flags[1], flags[3], verbose=False)
+    compose(erased, [Increment.load(increment_file)])
     latents, timesteps = initial_latents(), torch.tensor([500])
     with torch.no_grad():
         context = erased.get_learned_conditioning(["van gogh"])
         theirs = unet(latents, timesteps, encoder_hidden_states=context).sample
         assert (theirs - erased.apply_model(latents, timesteps, context)).abs().max() < TOLERANCE
         assert (theirs - model.apply_model(latents, timesteps, context)).abs().max() > 1e-3
+    record = provenance(exported)
+    assert record["base_model_fingerprint"] == model_fingerprint(model)
+    [edit] = record["edits"]
+    assert (edit["kind"], edit["concept"], edit["name"]) == ("increment", "van gogh", "van_gogh")
+    assert edit["path"] == str(increment_file.resolve())
+    assert edit["sha256"] == hashlib.sha256(increment_file.read_bytes()).hexdigest()
+    assert edit["base_model_fingerprint"] == model_fingerprint(model)
+    assert edit["metadata"] == Increment.load(increment_file).metadata
+    assert record["folded_increments"] == ["van_gogh"]
+
+
+def test_export_applies_edits_of_both_kinds_and_leaves_the_model_as_it_was(tmp_path: Path) -> None:
+    """The fingerprint recorded is the model's before the edits, though a weight difference changes it."""
+    _, flags, increment_file = wide_model_files(tmp_path)
+    model = load_model(flags[1], flags[3], verbose=False)
+    base = model_fingerprint(model)
+    key = next(k for k in model.state_dict() if k.endswith("attn2.to_v.weight"))
+    delta = torch.full_like(model.state_dict()[key], 1e-2)
+    difference_file = WeightDifference("esd", "picasso", {key: delta}, {"base_model_fingerprint": base}).save(
+        tmp_path / "picasso.safetensors"
+    )
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    edits = [Increment.load(increment_file), WeightDifference.load(difference_file)]
+    folder = export_diffusers(model, tmp_path / "both", unet_only=True, edits=edits)
+    record = provenance(folder)
+    assert record["base_model_fingerprint"] == base
+    kinds = [(edit["kind"], edit["concept"]) for edit in record["edits"]]
+    assert kinds == [("increment", "van gogh"), ("weight_difference", "picasso")]
+    assert record["edits"][1]["path"] == str(difference_file.resolve()) and record["edits"][1]["method"] == "esd"
+    assert record["folded_increments"] == ["van_gogh"]
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.allclose(after[k], before[k], atol=1e-6) for k in before)
+    assert unet_gap(unet_from_folder(folder), model) > 1e-3  # the export differs from the model left behind
 
 
 def narrow_v1_config(clip_dir: Path):

@@ -24,13 +24,20 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from erasure.classes import ClassError
 from erasure.files import ErasureFileError
-from erasure.generation import GenerationError, Workers, first_stage_factor, prompt_jobs, run_jobs
+from erasure.generation import (
+    SEEDS_FILE,
+    GenerationError,
+    first_stage_factor,
+    generate_latents,
+    prompt_jobs,
+    write_images,
+)
 from erasure.loading import load_model
 from erasure.prompts import PromptFileError, read_prompts
-from erasure.sampling import SEEDS_FILE, sample_latents, sampling_settings
-from erasure.weight_differences import save_weight_difference, weight_difference
+from erasure.samplers import SamplingError, sampling_settings
+from erasure.weight_differences import weight_difference
+from erasure.worlds import WorldError
 from ldm.util import instantiate_from_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +54,22 @@ def load_script(name: str) -> ModuleType:
 
 generate_images = load_script("generate-images")
 generate_data = load_script("generate-data")
+
+
+def sample_latents(
+    model: nn.Module,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    steps: int,
+    guidance_scale: float | None = None,
+    eta: float | None = None,
+    sampler: str | None = None,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Latents through the public API: settings from ``sampling_settings``, then ``generate_latents``."""
+    settings = sampling_settings(model, sampler, steps, guidance_scale, eta)
+    return generate_latents(model, prompts, seeds, settings=settings, batch_size=batch_size)
 
 
 def build_tiny(clip_dir: Path, parameterization: str = "eps") -> nn.Module:
@@ -68,8 +91,10 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> dict
     config = folder / "tiny.yaml"
     OmegaConf.save(OmegaConf.create({"model": tiny_model_config(tiny_clip_dir), "sampling": sampling}), config)
     toy_config = folder / "tiny-toy.yaml"
+    toy_world = OmegaConf.load(REPO_ROOT / "configs" / "toy" / "toy-ldm.yaml").world
     OmegaConf.save(
-        OmegaConf.create({"model": tiny_model_config(tiny_clip_dir), "sampling": sampling, "world": "toy"}), toy_config
+        OmegaConf.create({"model": tiny_model_config(tiny_clip_dir), "sampling": sampling, "world": toy_world}),
+        toy_config,
     )
     ckpt = folder / "tiny.safetensors"
     save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(ckpt))
@@ -77,7 +102,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> dict
     generator = torch.Generator().manual_seed(1)
     trained = {key: value + 0.5 * torch.randn(value.shape, generator=generator) for key, value in original.items()}
     difference = weight_difference(original, trained, "esd", "a red")
-    erasure = save_weight_difference(difference, folder / "esd-a_red.safetensors")
+    erasure = difference.save(folder / "esd-a_red.safetensors")
     prompts = folder / "prompts.csv"
     prompts.write_text(
         "prompt,evaluation_seed,case_number,class_index\na red,40,3,1\nb blue,50,7,2\n,60,9,0\na red,41,11,1\n",
@@ -113,7 +138,7 @@ def test_lms_is_deterministic_per_image_and_differs_from_ddim(tiny_model: nn.Mod
     torch.testing.assert_close(lms, again, rtol=0, atol=1e-4)
     assert (lms - ddim).abs().max() > 1e-2
     assert (lms[0] - lms[2]).abs().max() > 1e-2  # same prompt, other seed
-    with pytest.raises(ValueError, match="eta=0.5 applies to DDIM only"):
+    with pytest.raises(SamplingError, match="eta=0.5 applies to DDIM only"):
         sample_latents(tiny_model, prompts[:1], seeds[:1], steps=4, eta=0.5, sampler="lms")
 
 
@@ -223,7 +248,7 @@ def test_generate_data_splits_seeds_and_resume(files: dict[str, Path], tmp_path:
     generate_data.main(["--model_name", "picasso", *flags, "--num_samples", "3"])
     assert (train / "00000.png").stat().st_mtime_ns == kept
     assert np.array_equal(pixels(train / "00001.png"), first) and (train / "00002.png").is_file()
-    with pytest.raises(ValueError, match="same seed0"):
+    with pytest.raises(GenerationError, match="same seed0"):
         generate_data.main(["--model_name", "2", *flags, "--seed", "5"])
     generate_data.main(["--model_name", "2", *flags, "--seed", "5", "--overwrite"])
     assert json.loads((train / SEEDS_FILE).read_text())["seeds"] == [5, 6] and not (train / "00002.png").exists()
@@ -231,11 +256,11 @@ def test_generate_data_splits_seeds_and_resume(files: dict[str, Path], tmp_path:
 
 def test_generate_data_classes_follow_the_config(files: dict[str, Path], tmp_path: Path) -> None:
     flags = ["--save_path", str(tmp_path), "--num_samples", "1", "--no_progress"]
-    with pytest.raises(ClassError, match=r"Unknown class 'Monet' for the sd model; valid: 0 blank"):
+    with pytest.raises(WorldError, match=r"Unknown class 'Monet' for the sd model; valid: 0 blank"):
         generate_data.main(["--model_name", "Monet", *flags, *model_flags(files)])
-    with pytest.raises(ClassError, match="Class index 10 is out of range"):
+    with pytest.raises(WorldError, match="Class index 10 is out of range"):
         generate_data.main(["--model_name", "10", *flags, *model_flags(files)])
-    with pytest.raises(ClassError, match="for the toy model"):
+    with pytest.raises(WorldError, match="for the toy model"):
         generate_data.main(["--model_name", "Van Gogh", *flags, *model_flags(files, "toy_config")])
     summary = generate_data.main(["--model_name", "0", *flags, *model_flags(files, "toy_config")])
     assert summary["world"] == "toy" and summary["prompt"] == "" and (tmp_path / "train" / "0" / "00000.png").is_file()
@@ -265,15 +290,17 @@ def test_two_processes_write_the_same_files_as_one(files: dict[str, Path], tmp_p
     assert all(np.array_equal(single[name], sharded[name]) for name in single)
 
 
-def test_run_jobs_splits_by_image_index(files: dict[str, Path], tmp_path: Path) -> None:
+def test_write_images_splits_by_image_index(files: dict[str, Path], tmp_path: Path) -> None:
     """In-process check of the split itself: ranks 0 and 1 of 2 together make every image once."""
     model = load_model(files["config"], files["ckpt"], verbose=False)
     settings = sampling_settings(model)
     rows = read_prompts(files["prompts"])
     jobs = prompt_jobs(rows, 2, tmp_path)
-    made = [run_jobs(model, jobs, settings, Workers(rank, 2, torch.device("cpu")), 1, False) for rank in (0, 1)]
+    made = [
+        write_images(model, jobs, settings, rank=rank, world_size=2, batch_size=1, progress=False) for rank in (0, 1)
+    ]
     assert made == [4, 4] and all(job.path.is_file() for job in jobs)
-    assert run_jobs(model, jobs, settings, Workers(0, 1, torch.device("cpu")), 1, False) == 0
+    assert write_images(model, jobs, settings, batch_size=1, progress=False) == 0
 
 
 @pytest.mark.slow

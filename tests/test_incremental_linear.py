@@ -1,4 +1,4 @@
-"""IncrementalLinear: switching, merging, restoring, composing, training and saving increments."""
+"""IncrementalLinear: switching, merging, unmerging, composing, training and saving increments."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_increments_compose_by_addition_in_any_order() -> None:
     torch.testing.assert_close(outputs[0], outputs[2])
 
 
-def test_merge_matches_unmerged_and_restore_is_bit_exact() -> None:
+def test_merge_matches_unmerged_and_unmerge_is_bit_exact() -> None:
     layer = make_layer()
     add_random(layer, "a")
     add_random(layer, "b")
@@ -104,7 +104,7 @@ def test_merge_matches_unmerged_and_restore_is_bit_exact() -> None:
     assert layer.merged
     torch.testing.assert_close(layer(x), unmerged, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(layer.weight.detach(), original + layer.delta_weight(["b"]))
-    layer.restore()
+    layer.unmerge()
     assert not layer.merged
     assert torch.equal(layer.weight, original)
     assert torch.equal(layer(x), unmerged)
@@ -160,7 +160,7 @@ def test_merged_state_dict_is_a_plain_linear_with_baked_weight() -> None:
     plain = nn.Linear(IN, OUT)
     plain.load_state_dict(state)
     torch.testing.assert_close(plain(x), expected, rtol=1e-6, atol=1e-6)
-    with pytest.raises(RuntimeError, match="restore"):
+    with pytest.raises(RuntimeError, match="unmerge"):
         layer.load_state_dict(state)
 
 
@@ -191,7 +191,7 @@ def test_dtype_and_device_follow_the_weight() -> None:
         (lambda l: l.set_active(["nope"]), KeyError, "Unknown increment"),
         (lambda l: l.set_active("a"), TypeError, "wrap it in a list"),
         (lambda l: l.delta_weight(["nope"]), KeyError, "Unknown increment"),
-        (lambda l: l.restore(), RuntimeError, "not merged"),
+        (lambda l: l.unmerge(), RuntimeError, "not merged"),
     ],
 )
 def test_bad_input_raises_clear_errors(call, error: type[Exception], match: str) -> None:

@@ -1,4 +1,4 @@
-"""Increment algebra: attach, compose in any order, restore exactly, protected keys unchanged,
+"""Increment algebra: attach, compose in any order, detach exactly, protected keys unchanged,
 files, merge/export, weight differences and verify()."""
 
 from __future__ import annotations
@@ -16,33 +16,30 @@ from torch import nn
 
 from erasure.bases import ConceptBasis, compute_bases, encode_prompts, load_basis
 from erasure.files import ErasureFileError
+from erasure.edits import AppliedEdits, apply, load_edit
 from erasure.increments import (
-    ConceptIncrement,
+    Increment,
     IncrementError,
-    WeightDifference,
-    WeightDifferenceError,
     active_concepts,
-    apply_any,
-    apply_weight_difference,
     attach_increment,
     compose,
     cross_attention_kv,
+    detach,
     export_checkpoint,
     extract_increment,
-    load_any,
-    load_increment,
-    load_weight_difference,
     merge_into_weights,
-    restore,
-    save_increment,
-    save_weight_difference,
     slugify,
     unet_of,
     unmerge,
     verify,
-    weight_difference,
 )
 from erasure.loading import load_model, model_fingerprint
+from erasure.weight_differences import (
+    WeightDifference,
+    WeightDifferenceError,
+    apply_weight_difference,
+    weight_difference,
+)
 from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,18 +69,18 @@ def bases(base_model: nn.Module) -> dict[str, ConceptBasis]:
     return compute_bases(base_model, CONCEPTS, extra_protected=["red circle"])
 
 
-def random_increment(model: nn.Module, basis: ConceptBasis, seed: int) -> ConceptIncrement:
+def random_increment(model: nn.Module, basis: ConceptBasis, seed: int) -> Increment:
     generator = torch.Generator().manual_seed(seed)
     coeffs = {
         name: COEFF_SCALE * torch.randn(layer.out_features, basis.dims, generator=generator)
         for name, layer in cross_attention_kv(model).items()
     }
     metadata = {"method": "test", "base_model_fingerprint": model_fingerprint(model)}
-    return ConceptIncrement(basis.concept, slugify(basis.concept), basis, 1e-4, coeffs, metadata)
+    return Increment(basis.concept, slugify(basis.concept), basis, 1e-4, coeffs, metadata)
 
 
 @pytest.fixture(scope="module")
-def increments(base_model: nn.Module, bases: dict[str, ConceptBasis]) -> list[ConceptIncrement]:
+def increments(base_model: nn.Module, bases: dict[str, ConceptBasis]) -> list[Increment]:
     return [random_increment(base_model, bases[concept], seed) for seed, concept in enumerate(CONCEPTS)]
 
 
@@ -136,8 +133,8 @@ def test_basis_from_another_text_encoder_is_refused(model: nn.Module, bases: dic
 
 
 def test_increment_for_another_base_model_is_refused(model: nn.Module, increments: list, tmp_path: Path) -> None:
-    path = save_increment(increments[0], tmp_path / "van_gogh.safetensors")
-    loaded = load_increment(path)
+    path = increments[0].save(tmp_path / "van_gogh.safetensors")
+    loaded = Increment.load(path)
     with torch.no_grad():
         cross_attention_kv(model)["middle_block.1.transformer_blocks.0.attn2.to_v"].weight.mul_(1.01)
     both = f"van_gogh.safetensors.*{loaded.base_model_fingerprint}.*{model_fingerprint(model)}"
@@ -155,17 +152,17 @@ def test_compose_order_does_not_matter(model: nn.Module, base_model: nn.Module, 
         assert torch.allclose(unet_output(model, prompt), unet_output(other, prompt), atol=1e-6)
 
 
-def test_restore_all_is_bit_exact(model: nn.Module, increments: list) -> None:
+def test_detach_all_is_bit_exact(model: nn.Module, increments: list) -> None:
     before = {key: value.clone() for key, value in model.state_dict().items()}
     compose(model, increments)
-    restore(model, ["Van Gogh", "picasso"])
+    detach(model, ["Van Gogh", "picasso"])
     assert active_concepts(model) == ["cezanne"]
-    restore(model, ["cezanne"])
+    detach(model, ["cezanne"])
     after = model.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[key], before[key]) for key in before)
-    with pytest.raises(IncrementError, match="not attached"):
-        restore(model, ["picasso"])
+    with pytest.raises(IncrementError, match="Cannot detach.*not attached"):
+        detach(model, ["picasso"])
 
 
 def test_protected_keys_and_values_unchanged(model: nn.Module, increments: list) -> None:
@@ -179,21 +176,21 @@ def test_protected_keys_and_values_unchanged(model: nn.Module, increments: list)
     for name, layer in layers.items():
         for index in (0, 1):  # "" and "red circle" are protected by every increment
             assert relative(layer(encoded[index]), original[name][index]) <= 1e-5
-    restore(model, ["van gogh", "picasso"])
+    detach(model, ["van gogh", "picasso"])
     only_cezanne = {name: layer(encoded) for name, layer in layers.items()}
     for name in layers:
         assert relative(only_cezanne[name][2], original[name][2]) <= 1e-5, "cezanne protects van gogh"
         assert relative(only_cezanne[name][4], original[name][4]) > 1e-3, "cezanne's own keys move"
 
 
-def test_restoring_one_concept_brings_back_its_outputs(
+def test_detaching_one_concept_brings_back_its_outputs(
     model: nn.Module, base_model: nn.Module, increments: list
 ) -> None:
     compose(model, increments)
     erased = unet_output(model, "picasso")
     original = unet_output(base_model, "picasso")
     assert relative(erased, original) > 1e-4
-    restore(model, ["picasso"])
+    detach(model, ["picasso"])
     assert relative(unet_output(model, "picasso"), original) <= 1e-5
     assert relative(unet_output(model, "van gogh"), unet_output(base_model, "van gogh")) > 1e-4
 
@@ -204,17 +201,22 @@ def test_extract_and_file_round_trip(model: nn.Module, increments: list, tmp_pat
     extracted = extract_increment(model, "picasso", source.basis, metadata={"method": "sepce", "steps": 3})
     assert extracted.metadata["base_model_fingerprint"] == model_fingerprint(model)
     assert all(torch.equal(extracted.coeffs[name], source.coeffs[name]) for name in source.coeffs)
-    path = save_increment(extracted, tmp_path / "picasso.safetensors")
-    loaded = load_increment(path)
+    path = extracted.save(tmp_path / "picasso.safetensors")
+    loaded = Increment.load(path)
     assert (loaded.concept, loaded.name, loaded.beta, loaded.source) == ("picasso", "picasso", 1e-4, path)
     assert loaded.metadata["steps"] == 3 and loaded.basis.protected_prompts == source.basis.protected_prompts
     assert torch.equal(loaded.basis.basis, source.basis.basis)
     assert all(torch.equal(loaded.coeffs[name], source.coeffs[name]) for name in source.coeffs)
-    assert isinstance(load_any(path), ConceptIncrement)
+    assert isinstance(load_edit(path), Increment)
     with pytest.raises(ErasureFileError, match="already exists"):
-        save_increment(extracted, path)
+        extracted.save(path)
     with pytest.raises(IncrementError, match="beta"):
         extract_increment(model, "picasso", source.basis, beta=1e-3)
+    corrupted = dataclasses.replace(source, coeffs={name: coeff.clone() for name, coeff in source.coeffs.items()})
+    next(iter(corrupted.coeffs.values()))[0, 0] = float("inf")
+    corrupted_path = corrupted.save(tmp_path / "corrupted.safetensors")
+    with pytest.raises(IncrementError, match="NaN/inf"):
+        Increment.load(corrupted_path)
     with torch.no_grad():
         next(iter(cross_attention_kv(model).values())).increments["picasso"].coeff[0, 0] = float("nan")
     with pytest.raises(IncrementError, match="NaN"):
@@ -227,7 +229,7 @@ def test_merge_export_and_reload(model: nn.Module, increments: list, wide_config
     merge_into_weights(model)
     assert torch.allclose(unet_output(model, "van gogh"), composed, atol=1e-6)
     with pytest.raises(IncrementError, match="unmerge"):
-        restore(model, ["picasso"])
+        detach(model, ["picasso"])
     unmerge(model)
     path = export_checkpoint(model, tmp_path / "composed.safetensors")
     assert active_concepts(model) == ["van_gogh", "picasso"] and not any(
@@ -266,10 +268,10 @@ def test_weight_difference_apply_and_remove(model: nn.Module, base_model: nn.Mod
     )
     assert sorted(difference.deltas) == sorted(attn2_keys)
     with pytest.raises(ValueError, match="method and concept"):
-        save_weight_difference(difference, tmp_path / "cie.safetensors")
+        difference.save(tmp_path / "cie.safetensors")
     difference.method, difference.concept = "cie", "van gogh"
-    path = save_weight_difference(difference, tmp_path / "cie.safetensors")
-    loaded = load_any(path)
+    path = difference.save(tmp_path / "cie.safetensors")
+    loaded = load_edit(path)
     assert isinstance(loaded, WeightDifference) and loaded.method == "cie"
     fresh = copy.deepcopy(base_model)
     apply_weight_difference(fresh, loaded)
@@ -282,23 +284,35 @@ def test_weight_difference_apply_and_remove(model: nn.Module, base_model: nn.Mod
     assert all(torch.allclose(removed[key], original[key], atol=1e-7) for key in original)
     with pytest.raises(ValueError, match="no weight changed"):
         weight_difference(original, original)
-    foreign = load_weight_difference(path)
+    foreign = WeightDifference.load(path)
     foreign.deltas = {"model.diffusion_model.nonexistent.weight": torch.zeros(2)}
     with pytest.raises(WeightDifferenceError, match="lacks"):
         apply_weight_difference(fresh, foreign, check_fingerprint=False)
 
 
-def test_apply_any_takes_both_kinds(model: nn.Module, increments: list) -> None:
+def test_apply_takes_both_kinds_and_removes_them(model: nn.Module, increments: list) -> None:
     key = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_q.weight"
     delta = torch.full_like(model.state_dict()[key], 1e-3)
     record = {"base_model_fingerprint": model_fingerprint(model)}
     difference = WeightDifference("esd-x", "picasso", {key: delta}, record)
-    before = model.state_dict()[key].clone()
-    summary = apply_any(model, [increments[0], difference])
-    assert summary == {"increments": ["van_gogh"], "weight_differences": ["esd-x/picasso"]}
-    assert torch.allclose(model.state_dict()[key], before + delta)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    applied = apply(model, [increments[0], difference])
+    assert isinstance(applied, AppliedEdits)
+    assert applied.increments == ["van_gogh"] and applied.weight_differences == ["esd-x/picasso"]
+    assert active_concepts(model) == ["van_gogh"]
+    assert torch.allclose(model.state_dict()[key], before[key] + delta)
+    applied.remove()
+    assert active_concepts(model) == []
+    after = model.state_dict()
+    assert all(torch.allclose(after[name], before[name], atol=1e-7) for name in before)
+    applied.remove()  # a second remove is a no-op
+    with apply(model, [increments[0], difference]) as handle:
+        assert handle.increments == ["van_gogh"] and active_concepts(model) == ["van_gogh"]
+        assert torch.allclose(model.state_dict()[key], before[key] + delta)
+    assert active_concepts(model) == []
+    assert torch.allclose(model.state_dict()[key], before[key], atol=1e-7)
     with pytest.raises(TypeError, match="increments and weight differences"):
-        apply_any(model, [])
+        apply(model, [])
 
 
 def load_script(name: str) -> ModuleType:
@@ -328,7 +342,7 @@ def test_generate_bases_and_compose_scripts(
     files = []
     for seed, concept in enumerate(CONCEPTS[:2]):
         increment = random_increment(base_model, load_basis(bases_dir / f"basis-{slugify(concept)}.safetensors"), seed)
-        files.append(str(save_increment(increment, tmp_path / f"{slugify(concept)}.safetensors")))
+        files.append(str(increment.save(tmp_path / f"{slugify(concept)}.safetensors")))
     compose_script = load_script("compose")
     output = tmp_path / "composed.safetensors"
     compose_script.main([*model_args, "--increments", *files, "--verify", "--output", str(output)])
@@ -337,5 +351,5 @@ def test_generate_bases_and_compose_scripts(
     assert report["applied"]["increments"] == ["van_gogh", "picasso"] and Path(report["output"]) == output
     composed = load_model(wide_config, output, verbose=False)
     reference = copy.deepcopy(base_model)
-    compose(reference, [load_increment(path) for path in files])
+    compose(reference, [Increment.load(path) for path in files])
     assert torch.allclose(unet_output(composed, "picasso"), unet_output(reference, "picasso"), atol=1e-6)

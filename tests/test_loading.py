@@ -15,11 +15,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from erasure import loading
+from erasure.cli import add_model_arguments, load_model_from_args
 from erasure.loading import (
     ModelLoadError,
-    add_model_arguments,
     load_model,
-    load_model_from_args,
     model_fingerprint,
     resolve_device,
     text_encoder_fingerprint,
@@ -128,6 +127,15 @@ def test_use_ema_takes_the_ema_unet(tiny_files: TinyFiles, reference_model: nn.M
     assert torch.equal(with_ema.state_dict()[UNET_KEY], tiny_files.state[UNET_KEY] + 1.0)
     assert torch.equal(with_ema.state_dict()[VAE_KEY], tiny_files.state[VAE_KEY])
     assert_same_state(without_ema, tiny_files.state)
+
+
+def test_device_use_ema_and_verbose_are_keyword_only(tiny_files: TinyFiles) -> None:
+    with pytest.raises(TypeError):
+        load_model(tiny_files.config, tiny_files.safetensors, "cpu")
+    with pytest.raises(TypeError):
+        load_model(tiny_files.config, tiny_files.safetensors, "cpu", False, False)
+    model = load_model(tiny_files.config, tiny_files.safetensors, device="cpu", use_ema=False, verbose=False)
+    assert_same_state(model, tiny_files.state)
 
 
 def test_use_ema_without_ema_weights_is_refused(tiny_files: TinyFiles) -> None:
@@ -297,7 +305,7 @@ def test_repo_relative_text_encoder_directory_is_anchored(
     config = tiny_model_config(tiny_clip_dir)
     config.params.cond_stage_config.params.version = "models/clip"
     path = write_config(tmp_path / "relative.yaml", config)
-    monkeypatch.setattr(loading, "REPO_ROOT", repo)
+    monkeypatch.setattr(loading, "resource_root", lambda: repo)
     monkeypatch.chdir(tmp_path)
     version = loading.read_config(path).model.params.cond_stage_config.params.version
     assert version == str(repo / "models" / "clip")

@@ -1,11 +1,13 @@
-"""Metrics: FID with a custom / the toy oracle's features, LPIPS (toy-oracle distance and the
-AlexNet path with stand-in weights), ACC counts, NudeNet, folder checks, tables and evaluate.py."""
+"""Metrics: FID with a custom / a world's (the toy oracle's) features, LPIPS (the world's distance and
+the AlexNet path with stand-in weights), ACC counts, NudeNet, folder checks, tables and evaluate.py."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,11 @@ from erasure.metrics import (
     results_csv,
     results_markdown,
 )
-from test_classifier import last_json, load_script, write_class_images, write_data
+from erasure.toy import TOY_CONFIG
+from erasure.worlds import SD_WORLD, World, world_from_config_file
+from test_classifier import REPO_ROOT, SD_CONFIG, last_json, load_script, write_class_images, write_data
+
+TOY_WORLD = world_from_config_file(TOY_CONFIG)
 
 
 class PooledColour(nn.Module):
@@ -92,14 +98,17 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift() -> None:
         frechet_distance(images[:1], images, features)
 
 
-def test_toy_oracle_fid_and_distance(empty_hub: Path) -> None:
-    features = resolve_fid_features("auto", 32)
-    assert features.name.startswith("toy-oracle")
+def test_world_features_fid_and_distance(empty_hub: Path) -> None:
+    features = resolve_fid_features("auto", TOY_WORLD)
+    assert features.name == (
+        "toy-oracle (toy world oracle penultimate features from erasure.toy.oracle.artist_network, 1024-d)"
+    )
+    assert features.feature.num_features == 1024
     images, other = random_images(24, seed=1), random_images(24, seed=2) * 0.5
     assert abs(frechet_distance(images, images, features)) < 1e-3
     assert frechet_distance(images, other, features) > 1.0
-    distance = resolve_lpips("auto", 32)
-    assert distance.name.startswith("toy-oracle")
+    distance = resolve_lpips("auto", TOY_WORLD)
+    assert distance.name.startswith("toy-oracle (LPIPS-like distance") and "32 px" in distance.name
     assert pair_distance(images, images, distance) == 0.0
     assert pair_distance(images, other, distance) > 0.01
     with pytest.raises(ValueError, match="differ in count or size"):
@@ -108,17 +117,31 @@ def test_toy_oracle_fid_and_distance(empty_hub: Path) -> None:
 
 def test_unavailable_weights_give_clear_errors(empty_hub: Path) -> None:
     with pytest.raises(MetricsError, match="Inception is unavailable"):
-        resolve_fid_features("inception", 512)
-    with pytest.raises(MetricsError, match="512 px images are not toy-world images.*--fid_features classifier"):
-        resolve_fid_features("auto", 512)
+        resolve_fid_features("inception", TOY_WORLD)
+    with pytest.raises(MetricsError, match="the sd world names no feature network.*--fid_features classifier"):
+        resolve_fid_features("auto", SD_WORLD)
+    with pytest.raises(MetricsError, match="the images' world is unknown"):
+        resolve_fid_features("auto")
+    with pytest.raises(MetricsError, match="--fid_features world needs .* the sd world has none"):
+        resolve_fid_features("world", SD_WORLD)
     with pytest.raises(MetricsError, match="--fid_features classifier needs --classifier"):
-        resolve_fid_features("classifier", 512)
+        resolve_fid_features("classifier", SD_WORLD)
+    with pytest.raises(MetricsError, match="Unknown FID feature extractor 'toy-oracle'"):
+        resolve_fid_features("toy-oracle", TOY_WORLD)
     with pytest.raises(MetricsError, match="AlexNet ImageNet weights file .* is absent"):
-        resolve_lpips("alex", 512)
-    with pytest.raises(MetricsError, match="512 px images are not toy-world images"):
-        resolve_lpips("auto", 512)
+        resolve_lpips("alex", TOY_WORLD)
+    with pytest.raises(MetricsError, match="AlexNet is unavailable .* the sd world names no feature network"):
+        resolve_lpips("auto", SD_WORLD)
+    with pytest.raises(MetricsError, match="--lpips world needs .* no world was given"):
+        resolve_lpips("world")
     with pytest.raises(MetricsError, match="Unknown LPIPS network"):
-        resolve_lpips("vgg", 32)
+        resolve_lpips("vgg", TOY_WORLD)
+
+
+def test_a_world_feature_network_must_have_conv_features(empty_hub: Path) -> None:
+    world = World("flat", ("", "a"), features="torch.nn.Identity", image_size=8)
+    with pytest.raises(MetricsError, match="torch.nn.Identity must return a network with a `features` nn.Sequential"):
+        resolve_lpips("world", world)
 
 
 def test_alex_lpips_loads_local_alexnet_weights(tmp_path: Path) -> None:
@@ -126,7 +149,7 @@ def test_alex_lpips_loads_local_alexnet_weights(tmp_path: Path) -> None:
     stand_in = torchvision.models.alexnet(weights=None)
     weights = tmp_path / "alexnet.pth"
     torch.save(stand_in.state_dict(), weights)
-    distance = resolve_lpips("alex", 512, alexnet_path=weights)
+    distance = resolve_lpips("alex", alexnet_path=weights)
     assert isinstance(distance, AlexLpips)
     assert torch.equal(dict(distance.lpips.net.slice2.named_children())["3"].weight, stand_in.features[3].weight)
     images = random_images(4, size=80)
@@ -200,6 +223,11 @@ def test_evaluator_requires_a_class_for_acc(tmp_path: Path) -> None:
         evaluator.evaluate("a", random_images(2), random_images(2))
 
 
+def write_record(folder: Path, config: Path) -> None:
+    """The part of generate-images.py's generation.json that evaluate.py reads: the model's config."""
+    (folder / "generation.json").write_text(json.dumps({"model": {"config": str(config)}}), encoding="utf-8")
+
+
 def test_evaluate_script(tmp_path: Path, capsys: pytest.CaptureFixture[str], empty_hub: Path) -> None:
     classifier, data = trained_three_class_classifier(tmp_path)
     classifier_path, _ = save_classifier(classifier, tmp_path / "cls.safetensors", {"world": "test"})
@@ -207,6 +235,8 @@ def test_evaluate_script(tmp_path: Path, capsys: pytest.CaptureFixture[str], emp
     erased = tmp_path / "images" / "erased"
     write_class_images(original, 1, 4, seed=3)
     write_class_images(erased, 2, 4, seed=3)  # the "erased" model draws another class
+    for folder in (original, erased):
+        write_record(folder, TOY_CONFIG)
     out = tmp_path / "metrics"
     script = load_script("eval-scripts", "evaluate")
     args = ["--original", str(original), "--erased", str(erased), "--concept", "red",
@@ -216,8 +246,9 @@ def test_evaluate_script(tmp_path: Path, capsys: pytest.CaptureFixture[str], emp
     row = summary["concepts"][0]
     assert row["class_index"] == 1 and row["acc_original"] == 1.0 and row["acc"] == 0.0
     assert row["fid"] > 0 and row["lpips"] > 0
-    assert summary["extractors"]["fid"].startswith("toy-oracle")
-    assert summary["extractors"]["lpips"].startswith("toy-oracle")
+    assert summary["world"] == "toy" and summary["extractors"]["acc"].endswith(f"from {classifier_path}")
+    assert summary["extractors"]["fid"].startswith("toy-oracle (toy world oracle penultimate features")
+    assert summary["extractors"]["lpips"].startswith("toy-oracle (LPIPS-like distance")
     assert (out / "metrics.csv").is_file() and "| red | 4 |" in (out / "metrics.md").read_text()
     with pytest.raises(Exception, match="already exists"):
         script.main(args)
@@ -236,13 +267,47 @@ def test_evaluate_script(tmp_path: Path, capsys: pytest.CaptureFixture[str], emp
     with pytest.raises(MetricsError, match="ACC of 'nudity'.*Pass --class"):
         script.main(["--original", str(original), "--erased", str(erased), "--concept", "nudity",
                      "--classifier", str(classifier_path), "--out_dir", str(tmp_path / "other")])
+
+    # toy images without --classifier: the toy oracle is the default ACC classifier, and acc a default metric
+    summary = script.main(["--original", str(original), "--erased", str(original), "--concept", "vela quorin",
+                           "--out_dir", str(tmp_path / "oracle")])
+    row = summary["concepts"][0]
+    assert row["class_index"] == 1 and row["acc"] == row["acc_original"] and abs(row["fid"]) < 1e-3
+    assert summary["extractors"]["acc"] == (
+        "toy-cnn (10 classes) from the toy world's default (erasure.toy.oracle.artist_classifier)"
+    )
+
+    # no record: Stable Diffusion's world, which has no default classifier and no feature network
     large_original = save_pngs(random_images(3, size=64), tmp_path / "large" / "original")
     large_erased = save_pngs(random_images(3, size=64, seed=1), tmp_path / "large" / "erased")
-    summary = script.main(["--original", str(large_original), "--erased", str(large_erased), "--concept", "red",
-                           "--classifier", str(classifier_path), "--metrics", "fid", "--fid_features", "classifier",
-                           "--out_dir", str(tmp_path / "large")])
+    large = ["--original", str(large_original), "--erased", str(large_erased), "--concept", "red"]
+    summary = script.main([*large, "--classifier", str(classifier_path), "--metrics", "fid", "--fid_features",
+                           "classifier", "--out_dir", str(tmp_path / "large")])
+    assert summary["world"] == "sd" and summary["concepts"][0]["fid"] > 0
     assert summary["extractors"] == {"fid": "classifier (toy-cnn penultimate features, 1024-d)"}
-    assert summary["concepts"][0]["fid"] > 0
-    with pytest.raises(MetricsError, match="ACC needs --classifier"):
-        script.main(["--original", str(original), "--erased", str(erased), "--concept", "red", "--metrics", "acc",
-                     "--out_dir", str(tmp_path / "other")])
+    with pytest.raises(MetricsError, match=r"ACC needs --classifier: the images' world \(sd\)"):
+        script.main([*large, "--metrics", "acc", "--out_dir", str(tmp_path / "other")])
+    with pytest.raises(MetricsError, match="the sd world names no feature network"):
+        script.main([*large, "--metrics", "lpips", "--out_dir", str(tmp_path / "other")])
+    summary = script.main([*large, "--config_path", str(TOY_CONFIG), "--metrics", "lpips",
+                           "--out_dir", str(tmp_path / "override")])
+    assert summary["world"] == "toy" and summary["extractors"]["lpips"].startswith("toy-oracle")
+
+    write_record(large_original, SD_CONFIG)
+    write_record(large_erased, TOY_CONFIG)
+    with pytest.raises(MetricsError, match="different worlds: sd .*, toy "):
+        script.main([*large, "--metrics", "lpips", "--out_dir", str(tmp_path / "other")])
+    write_record(large_erased, tmp_path / "gone.yaml")
+    with pytest.raises(MetricsError, match="names the model config .*gone.yaml, which does not exist.*--config_path"):
+        script.main([*large, "--metrics", "lpips", "--out_dir", str(tmp_path / "other")])
+
+
+def test_evaluate_script_errors_are_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "eval-scripts/evaluate.py", "--original", str(tmp_path / "a"), "--erased",
+         str(tmp_path / "b"), "--concept", "red", "--out_dir", str(tmp_path / "out")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: Image folder {tmp_path / 'a'} does not exist; "
+                                                  "check the path (or generate the images first)."]

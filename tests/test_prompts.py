@@ -1,15 +1,14 @@
-"""Prompt CSVs and class mappings: the shipped files are valid, bad files get one clear error each."""
+"""Prompt CSVs: the shipped files are valid and follow the worlds' classes, bad files get one clear error each."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
-from erasure.classes import SD_CLASSES, TOY_CLASSES, ClassError, class_mapping, mapping_for_config
 from erasure.prompts import PromptFileError, read_i2p_prompts, read_prompts, select_cases
-from erasure.toy.world import ARTISTS
+from erasure.toy import TOY_CONFIG
+from erasure.worlds import SD_WORLD, world_from_config_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT / "data"
@@ -36,45 +35,18 @@ def test_shipped_prompt_files_are_valid(name: str) -> None:
     assert min(row.evaluation_seed for row in rows) >= 2_000_000  # disjoint from generate-data's seeds
 
 
-@pytest.mark.parametrize(("name", "mapping"), [("artist-classes.csv", SD_CLASSES), ("toy-classes.csv", TOY_CLASSES)])
-def test_class_prompt_files_follow_the_class_mapping(name: str, mapping) -> None:
+@pytest.mark.parametrize(
+    ("name", "world"), [("artist-classes.csv", SD_WORLD), ("toy-classes.csv", world_from_config_file(TOY_CONFIG))]
+)
+def test_class_prompt_files_follow_the_worlds_classes(name: str, world) -> None:
     rows = read_prompts(DATA / name)
-    counts = [0] * len(mapping)
+    counts = [0] * len(world)
     for row in rows:
         index = int(row.extra["class_index"])
-        assert row.prompt == mapping.prompt(index)
+        assert row.prompt == world.prompt(index)
         counts[index] += 1
     assert counts == [50] * 10
     assert rows[0].prompt == ""  # the empty cell is the blank prompt
-
-
-def test_class_mappings() -> None:
-    assert SD_CLASSES.prompts[1] == "Van Gogh" and SD_CLASSES.prompts[9] == "Kilian Eng"
-    assert SD_CLASSES.index("van  gogh") == 1 and SD_CLASSES.index("9") == 9 and SD_CLASSES.index(4) == 4
-    assert SD_CLASSES.index("blank") == 0 and SD_CLASSES.index("") == 0
-    assert TOY_CLASSES.index(ARTISTS[2].upper()) == 3 and TOY_CLASSES.prompt(0) == ""
-    expected = r"Unknown class 'Monet' for the sd model; valid: 0 blank \(\"\"\), 1 Van Gogh"
-    with pytest.raises(ClassError, match=expected):
-        SD_CLASSES.index("Monet")
-    with pytest.raises(ClassError, match="Class index 10 is out of range"):
-        SD_CLASSES.index(10)
-    with pytest.raises(ClassError, match=f"valid: 0 blank .*1 {ARTISTS[0]}"):
-        TOY_CLASSES.index("Van Gogh")
-
-
-def test_the_config_chooses_the_class_mapping(tiny_model) -> None:
-    assert mapping_for_config(OmegaConf.create({"model": {}})) is SD_CLASSES
-    assert mapping_for_config(OmegaConf.create({"world": "toy"})) is TOY_CLASSES
-    with pytest.raises(ClassError, match=r"Unknown world 'mars'; use one of \['sd', 'toy'\]"):
-        mapping_for_config(OmegaConf.create({"world": "mars"}))
-    with pytest.raises(ClassError, match="carries no config"):
-        class_mapping(tiny_model)
-    tiny_model.ldm_config = OmegaConf.create({"world": "toy"})
-    assert class_mapping(tiny_model) is TOY_CLASSES
-
-
-def test_the_toy_config_declares_the_toy_world() -> None:
-    assert mapping_for_config(OmegaConf.load(REPO_ROOT / "configs" / "toy" / "toy-ldm.yaml")) is TOY_CLASSES
 
 
 def test_reading_keeps_extra_columns_and_accepts_pandas_integers(tmp_path: Path) -> None:

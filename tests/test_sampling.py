@@ -12,19 +12,33 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from erasure.sampling import (
+from erasure.generation import (
     SEEDS_FILE,
-    SamplingSettings,
+    GenerationError,
+    generate,
     generate_concept_images,
-    sample_images,
-    sample_latents,
-    sampling_settings,
+    generate_latents,
     save_png,
 )
+from erasure.samplers import SamplingError, SamplingSettings, sampling_settings
 
 STEPS = 2
 PROMPTS = ["a red", "b blue", "a red", "the cat"]
 SEEDS = [11, 12, 13, 14]
+
+
+def sample_latents(
+    model: nn.Module,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance_scale: float = 7.5,
+    eta: float = 0.0,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """DDIM latents through the public API: explicit settings, then ``generate_latents``."""
+    settings = sampling_settings(model, steps=steps, guidance_scale=guidance_scale, eta=eta)
+    return generate_latents(model, prompts, seeds, settings=settings, batch_size=batch_size)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
@@ -49,9 +63,11 @@ def test_eta_adds_seeded_noise(tiny_model: nn.Module) -> None:
 
 
 def test_images_are_floats_in_unit_range(tiny_model: nn.Module) -> None:
-    images = sample_images(tiny_model, PROMPTS[:2], SEEDS[:2], steps=STEPS, guidance_scale=1.0)
+    images = generate(tiny_model, PROMPTS[:2], SEEDS[:2], steps=STEPS, guidance=1.0)
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float32
     assert images.min() >= 0 and images.max() <= 1
+    settings = SamplingSettings("ddim", STEPS, 1.0, 0.0)
+    torch.testing.assert_close(generate(tiny_model, PROMPTS[:2], SEEDS[:2], settings=settings), images)
 
 
 def test_settings_come_from_arguments_then_config_then_sd_defaults(tiny_model: nn.Module) -> None:
@@ -59,15 +75,15 @@ def test_settings_come_from_arguments_then_config_then_sd_defaults(tiny_model: n
     tiny_model.ldm_config = OmegaConf.create({"sampling": {"steps": 20, "guidance_scale": 4}})
     assert sampling_settings(tiny_model) == SamplingSettings("ddim", 20, 4.0, 0.0)
     assert sampling_settings(tiny_model, steps=5, eta=1.0) == SamplingSettings("ddim", 5, 4.0, 1.0)
-    with pytest.raises(ValueError, match="Unknown sampler 'plms'"):
+    with pytest.raises(SamplingError, match="Unknown sampler 'plms'"):
         sampling_settings(tiny_model, sampler="plms")
     tiny_model.ldm_config = OmegaConf.create({"sampling": {"step": 20}})
-    with pytest.raises(ValueError, match=r"unknown keys \['step'\]"):
+    with pytest.raises(SamplingError, match=r"unknown keys \['step'\]"):
         sampling_settings(tiny_model)
 
 
 def test_bad_prompts_and_seeds(tiny_model: nn.Module) -> None:
-    with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
+    with pytest.raises(GenerationError, match="2 prompts but 1 seeds"):
         sample_latents(tiny_model, PROMPTS[:2], SEEDS[:1], steps=STEPS)
     with pytest.raises(TypeError, match="wrap it in a list"):
         sample_latents(tiny_model, "a red", SEEDS[:1], steps=STEPS)
@@ -79,7 +95,7 @@ def test_save_png_round_trips_8_bit_values(tmp_path: Path) -> None:
     read = np.array(Image.open(path))
     assert read.shape == (4, 4, 3) and torch.equal(torch.from_numpy(read).permute(2, 0, 1).float(), levels * 255)
     assert [p.name for p in path.parent.iterdir()] == ["image.png"]  # no temporary file left
-    with pytest.raises(ValueError, match="one image"):
+    with pytest.raises(GenerationError, match="one image"):
         save_png(levels[None], tmp_path / "batch.png")
 
 
@@ -111,7 +127,7 @@ def test_generate_concept_images_is_resumable_and_sharded(tiny_model: nn.Module,
     assert shards.keys() == originals.keys()
     assert all(np.abs(shards[name] - originals[name]).max() <= 1 for name in originals)
 
-    with pytest.raises(ValueError, match="records prompt='a red'"):
+    with pytest.raises(GenerationError, match="records prompt='a red'"):
         generate_concept_images(tiny_model, "b blue", 3, tmp_path / "full", settings=settings, progress=False)
-    with pytest.raises(ValueError, match="same seed0"):
+    with pytest.raises(GenerationError, match="same seed0"):
         generate_concept_images(tiny_model, "a red", 3, tmp_path / "full", seed0=0, settings=settings, progress=False)

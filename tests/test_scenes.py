@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -19,16 +20,17 @@ from torch import nn
 from erasure.bases import compute_bases
 from erasure.classifier import predict
 from erasure.increments import (
-    ConceptIncrement,
+    Increment,
     attach_increment,
     attached_names,
     cross_attention_kv,
+    detach,
     extract_increment,
-    restore,
 )
 from erasure.loading import model_fingerprint
 from erasure.metrics import ConceptMetrics, FidFeatures
-from erasure.sampling import sample_images
+from erasure.generation import generate
+from erasure.grids import grid_layout
 from erasure.scenes import (
     ERASED,
     REGULAR,
@@ -51,6 +53,7 @@ from erasure.scenes import (
 from erasure.toy.oracle import load_oracle
 from erasure.toy.world import ARTISTS
 from erasure.weight_differences import WeightDifference, WeightDifferenceError
+from erasure.worlds import world_from_config_file
 from test_classifier import last_json, load_script
 from test_metrics import PooledColour
 from test_trainers import write_images
@@ -72,10 +75,10 @@ def model(wide_config: Path) -> nn.Module:
 
 
 def images_of(model: nn.Module, prompt: str) -> torch.Tensor:
-    return sample_images(model, [prompt] * len(SEEDS), SEEDS, steps=4, guidance_scale=2.0)
+    return generate(model, [prompt] * len(SEEDS), SEEDS, steps=4, guidance=2.0)
 
 
-def random_increments(model: nn.Module, concepts: list[str], scale: float = 3e4) -> dict[str, ConceptIncrement]:
+def random_increments(model: nn.Module, concepts: list[str], scale: float = 3e4) -> dict[str, Increment]:
     """Jointly separable increments (each protects "" and the others) with large random coefficients."""
     bases = compute_bases(model, concepts, min_dims=1)
     generator = torch.Generator().manual_seed(0)
@@ -87,7 +90,7 @@ def random_increments(model: nn.Module, concepts: list[str], scale: float = 3e4)
         }
         attach_increment(model, basis, coeffs=coeffs, trainable=False)
         increments[concept] = extract_increment(model, concept, basis)
-    restore(model, concepts)
+    detach(model, concepts)
     return increments
 
 
@@ -222,11 +225,43 @@ def test_tables_record_and_grid() -> None:
         "erased_acc_max": 0.25, "restored_acc_gap_max": 0.0, "restored_fid_max": 0.0, "restored_lpips_max": 0.0,
         "regular_acc_gap_max": 0.0,
     }
+
+
+def test_scene_grid_places_every_image_where_the_layout_says() -> None:
     classes = [EvaluatedClass("blank", "", 0), EvaluatedClass("a", "a", 1)]
-    column = {name: torch.zeros(3, 3, 8, 8, dtype=torch.uint8) for name in ("blank", "a")}
-    grid = scene_grid(classes, [column, column, column], per_cell=2)
-    assert grid.shape == (3, 2 * 10 + 2, 8 * 10 + 2)  # 3 columns x 2 images + 2 spacers, 8 px + padding 2
-    assert float(grid[:, 2:10, 2 + 2 * 10 : 10 + 2 * 10].min()) == 1.0  # the first spacer is white
+    names = ["original", "t0", "t1"]
+    # image k of class row r in block b has its own grey level 10 * (6b + 3r + k) + 5
+    columns = [
+        {
+            evaluated.name: torch.stack(
+                [torch.full((3, 8, 8), 10 * (6 * block + 3 * row + k) + 5, dtype=torch.uint8) for k in range(3)]
+            )
+            for row, evaluated in enumerate(classes)
+        }
+        for block in range(3)
+    ]
+    grid = scene_grid(classes, columns, per_cell=2, column_names=names)
+    rows = [torch.zeros(6, 3, 8, 8) for _ in classes]
+    layout = grid_layout(rows, ["blank", "a"], block_labels=[(name, 2) for name in names])
+    assert grid.shape == (3, layout.height, layout.width)
+    assert layout.scale >= 2 and layout.cell_height == layout.cell_width == 8 * layout.scale  # upscaled by an integer
+    assert layout.headers == [[("original", 0, 2), ("t0", 2, 2), ("t1", 4, 2)]] and layout.top > 0 and layout.left > 0
+    side = layout.cell_height
+    for row in range(2):
+        for block in range(3):
+            for k in range(2):  # per_cell=2: the third image of each block is not shown
+                top, left = layout.image_top(row), layout.image_left(2 * block + k)
+                cell = grid[:, top : top + side, left : left + side]
+                expected = (10 * (6 * block + 3 * row + k) + 5) / 255
+                assert torch.allclose(cell, torch.full_like(cell, expected)), (row, block, k)
+    # the padding between two images stays white
+    top, gap_left = layout.image_top(0), layout.image_left(0) + side
+    assert float(grid[:, top : top + side, gap_left : layout.image_left(1)].min()) == 1.0
+    # the labels are drawn: dark text left of the rows and above the blocks
+    assert float(grid[:, layout.image_top(0) : layout.image_top(0) + side, : layout.left].min()) < 0.5
+    assert float(grid[:, : layout.top, layout.image_left(0) : layout.image_left(2)].min()) < 0.5
+    with pytest.raises(SceneError, match="2 column names for 3 columns"):
+        scene_grid(classes, columns, per_cell=2, column_names=names[:2])
 
 
 # ----------------------------------------------------------------------------- the script
@@ -236,7 +271,7 @@ def scene_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, P
     folder = tmp_path_factory.mktemp("scene-model")
     config_path = write_wide_tiny_config(folder)
     config = OmegaConf.load(config_path)
-    config.world = "toy"
+    config.world = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "toy" / "toy-ldm.yaml").world
     config.sampling = {"steps": 2, "guidance_scale": 2.0}
     OmegaConf.save(config, config_path)
     state = build_wide_tiny_model(config_path).state_dict()
@@ -261,7 +296,7 @@ def scene_argv(files: tuple[Path, Path, Path], out: Path, *extra: str) -> list[s
         "--scene", "1", "--concepts", *ARTISTS[:6], "--config_path", str(config_path), "--ckpt_path", str(ckpt_path),
         "--data_dir", str(data_dir), "--increments_dir", str(out / "increments"),
         "--original_dir", str(out / "original"), "--output_dir", str(out / "scene"), "--num_samples", "2",
-        "--iterations", "2", "--lr", "1e4", "--lpips", "toy-oracle", "--no_progress", *extra,
+        "--iterations", "2", "--lr", "1e4", "--lpips", "world", "--no_progress", *extra,
     ]
 
 
@@ -270,7 +305,7 @@ def test_run_scenes_end_to_end_and_reuse(
 ) -> None:
     script.main(scene_argv(scene_model, tmp_path))
     out = capsys.readouterr().out
-    assert "Training SepCE increments" in out
+    assert f"Training the sepce edits of {list(ARTISTS[:6])}." in out  # jointly, in one group
     record = json.loads(out.strip().splitlines()[-1])
     assert list(record["steps"]) == ["t0", "t1", "t3"]
     names = ["blank", *ARTISTS[:6]]
@@ -286,7 +321,16 @@ def test_run_scenes_end_to_end_and_reuse(
     assert record["separability"]["max_restore_abs_diff"] == 0.0
     assert record["separability"]["max_relative_kv_change"] < 1e-5
     scene_dir = tmp_path / "scene"
-    assert Image.open(scene_dir / "grid.png").size == (11 * 18 + 2, 7 * 18 + 2)  # 4 columns x 2 + 3 spacers, 16 px
+    blocks = [(label, 2) for label in ["original", "t0", "t1", "t3"]]  # --num_samples 2 images per block
+    layout = grid_layout([torch.zeros(8, 3, 16, 16)] * len(names), names, block_labels=blocks)
+    grid = torch.from_numpy(np.asarray(Image.open(scene_dir / "grid.png"), dtype=np.float32)).permute(2, 0, 1)
+    assert tuple(grid.shape) == (3, layout.height, layout.width)
+    # the original blank image from seed 0 sits upscaled at the top left cell
+    [blank_path] = (tmp_path / "original").glob("*/blank/00000.png")
+    blank = torch.from_numpy(np.asarray(Image.open(blank_path), dtype=np.float32)).permute(2, 0, 1)
+    upscaled = blank.repeat_interleave(layout.scale, 1).repeat_interleave(layout.scale, 2)
+    top, left, side = layout.image_top(0), layout.image_left(0), layout.cell_height
+    assert torch.equal(grid[:, top : top + side, left : left + side], upscaled)
     assert (scene_dir / "table.csv").read_text().count("\n") == 1 + 3 * 7
     assert "### t1: restore vela quorin, tamsin brack" in (scene_dir / "table.md").read_text()
     increments = sorted(path.name for path in (tmp_path / "increments").glob("*.safetensors"))
@@ -298,7 +342,7 @@ def test_run_scenes_end_to_end_and_reuse(
     script.main(scene_argv(scene_model, tmp_path, "--overwrite"))  # reuses the increments and the original images
     out = capsys.readouterr().out
     again = json.loads(out.strip().splitlines()[-1])["steps"]
-    assert "Training SepCE" not in out
+    assert "Training the" not in out
     for step, rows in record["steps"].items():
         for name, row in rows.items():
             assert again[step][name] == {**row, "fid": pytest.approx(row["fid"], abs=1e-5)}  # eigvals wobble
@@ -320,8 +364,10 @@ def test_run_scenes_baseline_names_match_the_driver(
     assert "separability" not in record and last_json(capsys)["method"] == "esd"
 
 
-def test_oracle_classifier_predicts_like_the_toy_oracle() -> None:
-    classifier = load_script("eval-scripts", "run-scenes").oracle_classifier(None)
+def test_toy_world_classifier_predicts_like_the_toy_oracle() -> None:
+    """run-scenes.py's default ACC classifier on the toy model: its world's classifier, the oracle."""
+    world = world_from_config_file(Path(__file__).resolve().parents[1] / "configs" / "toy" / "toy-ldm.yaml")
+    classifier = world.load_classifier()
     images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert torch.equal(predict(classifier, images), load_oracle().predict(images * 2 - 1)["artist"])
     assert classifier.class_index("blank") == 0 and classifier.class_index(ARTISTS[8]) == 9

@@ -46,14 +46,14 @@ def test_toy_quality_refuses_bad_numbers() -> None:
 
 def test_compare_measures_before_and_after_with_the_same_seeds(tmp_path: Path) -> None:
     from erasure.loading import load_model, model_fingerprint
-    from erasure.weight_differences import WeightDifference, save_weight_difference
+    from erasure.weight_differences import WeightDifference
 
     model = load_model(verbose=False)
     state = model.state_dict()
     generator = torch.Generator().manual_seed(0)
     shifts = {k: 0.1 * torch.randn(v.shape, generator=generator) for k, v in state.items() if k.endswith("attn2.to_v.weight")}
     difference = WeightDifference("test", "vela quorin", shifts, {"base_model_fingerprint": model_fingerprint(model)})
-    path = save_weight_difference(difference, tmp_path / "shift.safetensors")
+    path = difference.save(tmp_path / "shift.safetensors")
     result = subprocess.run(
         [sys.executable, "eval-scripts/toy-quality.py", "--num_samples", "1", "--apply", str(path), "--compare"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,

@@ -1,4 +1,4 @@
-"""The toy world: renderer, vocabulary, tokenizer, oracle plumbing and the training loop."""
+"""The toy world: renderer, vocabulary, tokenizer, oracle plumbing, its `world:` entry and the training loop."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 from omegaconf import OmegaConf
 from transformers import CLIPTokenizer
 
+from erasure.classifier import ImageClassifier, SmallCNN, predict
 from erasure.toy import TOY_CONFIG, TOY_DIR
-from erasure.toy.oracle import ToyOracle, jitter, load_oracle, save_oracle
+from erasure.toy.oracle import ToyOracle, artist_classifier, artist_network, jitter, load_oracle, save_oracle
 from erasure.toy.render import render, render_batch
 from erasure.toy.text_encoder import prompt_labels, train_text_encoder
 from erasure.toy.tokenizer import load_tokenizer, write_tokenizer
@@ -28,6 +29,7 @@ from erasure.toy.training import (
 )
 from erasure.toy.world import (
     ARTISTS,
+    BLANK_PROMPT,
     CLASS_NAMES,
     COLOURS,
     OBJECTS,
@@ -38,6 +40,7 @@ from erasure.toy.world import (
     class_prompt,
     world_words,
 )
+from erasure.worlds import world_from_config_file
 
 
 # ---------------------------------------------------------------------------- world
@@ -69,6 +72,16 @@ def test_bad_world_input_gives_clear_errors() -> None:
         Scene(artist=1, colour=0, obj=0).prompt("portrait")
     with pytest.raises(TypeError, match="Scene"):
         render((1, 0, 0), seed=0)  # type: ignore[arg-type]
+
+
+def test_the_toy_config_declares_this_world() -> None:
+    """The `world:` entry of configs/toy/toy-ldm.yaml repeats erasure/toy/world.py's classes: they must not drift."""
+    world = world_from_config_file(TOY_CONFIG)
+    assert world.name == "toy" and world.image_size == 32 and world.protect_classes
+    assert world.class_prompts == (BLANK_PROMPT, *ARTISTS) and world.names == CLASS_NAMES
+    assert world.classifier == "erasure.toy.oracle.artist_classifier"
+    assert world.features == "erasure.toy.oracle.artist_network"
+    assert world.classifier_arch == "toy-cnn"
 
 
 # ---------------------------------------------------------------------------- renderer
@@ -158,6 +171,20 @@ def test_oracle_save_load_round_trip_and_bad_files(tmp_path: Path) -> None:
         load_oracle(tmp_path)
 
 
+def test_the_artist_oracle_is_the_worlds_classifier_and_feature_network() -> None:
+    oracle = load_oracle()
+    images = (render_batch([Scene(k, k % 4, k % 4) for k in range(10)], list(range(10))) + 1) / 2
+    world = world_from_config_file(TOY_CONFIG)
+    classifier = world.load_classifier()
+    assert isinstance(classifier, ImageClassifier) and classifier.class_names == list(CLASS_NAMES)
+    assert torch.equal(predict(classifier, images), oracle.predict(images * 2 - 1)["artist"])
+    assert torch.equal(predict(artist_classifier(), images), predict(classifier, images))
+    network = world.load_features()
+    assert isinstance(network, SmallCNN) and not network.training
+    assert torch.equal(network(images * 2 - 1), oracle.classifiers["artist"](images * 2 - 1))
+    assert isinstance(artist_network(), SmallCNN)
+
+
 # ---------------------------------------------------------------------------- training
 def test_training_batches_are_a_function_of_seed_and_step() -> None:
     cfg = TrainingConfig(batch_size=12)
@@ -234,8 +261,11 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
     assert not any(p.requires_grad for p in resumed.model.cond_stage_model.parameters())
     assert (tmp_path / "split-out" / "text_encoder" / "config.json").is_file()
     assert not list((tmp_path / "split-out" / "text_encoder").glob("*.safetensors")), "no duplicate weights"
-    with pytest.raises(ValueError, match="--steps 3"):
+    with pytest.raises(ValueError, match=r"other settings .*'steps': \(3, 9\).*--overwrite"):
         ToyTrainer(config_path, tmp_path / "split", tmp_path / "x", steps=9, log=quiet)
+    assert [p.name for p in (tmp_path / "split").glob("checkpoint*")] == ["checkpoint.safetensors"]
+    restarted = ToyTrainer(config_path, tmp_path / "split", tmp_path / "x", steps=9, overwrite=True, log=quiet)
+    assert restarted.step == 0 and not (tmp_path / "split" / "loss.csv").exists()
 
 
 def test_prompt_labels_name_artist_colour_and_object() -> None:

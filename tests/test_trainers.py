@@ -20,21 +20,19 @@ from torch import nn
 from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
 
 from erasure.bases import compute_bases
-from erasure.classes import SD_ARTISTS
-from erasure.increments import cross_attention_kv, load_increment, restore, slugify
+from erasure import cli, runs
+from erasure.classifier import ImageDataError, list_images, read_images
+from erasure.increments import Increment, cross_attention_kv, detach, slugify
 from erasure.loading import load_model
-from erasure.trainers import cli
+from erasure.settings import CiESettings, ESDSettings, SepCESettings, TrainingSettings
+from erasure.training import protected_prompts
+from erasure.worlds import SD_ARTISTS, World
 from erasure.trainers.checkpoint import CheckpointError
 from erasure.trainers.cie import CiETrainer
-from erasure.trainers.data import (
-    TrainingDataError,
-    concept_latents,
-    image_files,
-    read_images,
-)
+from erasure.trainers.data import concept_latents, folder_images
 from erasure.trainers.esd import ESDTrainer
-from erasure.trainers.loop import NonFiniteLossError, TrainingConfig, predict_eps
-from erasure.trainers.report import before_after_report, markdown_table, report_paths
+from erasure.trainers.loop import NonFiniteLossError, predict_eps
+from erasure.trainers.report import before_after_report, report_paths
 from erasure.trainers.runtime import (
     FabricOptions,
     TrainingSetupError,
@@ -44,7 +42,7 @@ from erasure.trainers.runtime import (
     step_generator,
 )
 from erasure.trainers.sepce import SepCETrainer
-from erasure.weight_differences import load_weight_difference
+from erasure.weight_differences import WeightDifference
 from ldm.modules.incremental_linear import increments_disabled
 
 CONCEPTS = ["a red", "b blue"]
@@ -78,15 +76,16 @@ def random_latents(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     return {concept: torch.randn(shape, generator=generator) for concept in CONCEPTS}
 
 
-def config(**overrides: object) -> TrainingConfig:
+def config(kind: type[TrainingSettings] = SepCESettings, **overrides: object) -> TrainingSettings:
     settings = {"lr": 1.0, "iterations": 3, "batch_size": 2, "tau": -1e9, "progress": False, "save_every": 0}
     settings.update(overrides)
-    return TrainingConfig(**settings)
+    return kind(**settings)
 
 
 def sepce(model: nn.Module, fabric: Fabric, sequential: bool = False, **overrides: object) -> SepCETrainer:
     bases = compute_bases(model, CONCEPTS, min_dims=1, sequential=sequential)
-    return SepCETrainer(model, fabric, bases, random_latents(model), config(**overrides), sequential=sequential)
+    settings = config(mode="sequential" if sequential else "joint", **overrides)
+    return SepCETrainer(model, fabric, bases, random_latents(model), settings)
 
 
 def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -214,7 +213,7 @@ def test_resume_gives_the_uninterrupted_result(wide_config: Path, fabric: Fabric
     reference = {name: p.detach().clone() for name, p in full.trained_parameters().items()}
 
     checkpoint = tmp_path / "run.checkpoint.safetensors"
-    killed = sepce(build_wide_tiny_model(wide_config), fabric, iterations=4, save_every=2, checkpoint_path=checkpoint)
+    killed = sepce(build_wide_tiny_model(wide_config), fabric, iterations=4, save_every=2, checkpoint=checkpoint)
     compute = killed.step_loss
 
     def crash_after_two_steps(generator: torch.Generator, concepts: list[str]):
@@ -226,7 +225,7 @@ def test_resume_gives_the_uninterrupted_result(wide_config: Path, fabric: Fabric
     with pytest.raises(KeyboardInterrupt):
         killed.fit()
     resumed = sepce(
-        build_wide_tiny_model(wide_config), fabric, iterations=4, save_every=2, checkpoint_path=checkpoint, resume=True
+        build_wide_tiny_model(wide_config), fabric, iterations=4, save_every=2, checkpoint=checkpoint, resume=True
     )
     summary = resumed.fit()
     for name, parameter in resumed.trained_parameters().items():
@@ -234,7 +233,7 @@ def test_resume_gives_the_uninterrupted_result(wide_config: Path, fabric: Fabric
     assert all(concept["steps"] == 4 for concept in summary["concepts"].values())
 
     other = sepce(
-        build_wide_tiny_model(wide_config), fabric, iterations=4, lr=0.5, checkpoint_path=checkpoint, resume=True
+        build_wide_tiny_model(wide_config), fabric, iterations=4, lr=0.5, checkpoint=checkpoint, resume=True
     )
     with pytest.raises(CheckpointError, match="other settings"):
         other.fit()
@@ -244,7 +243,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(
     model: nn.Module, wide_config: Path, fabric: Fabric, tmp_path: Path
 ) -> None:
     checkpoint = tmp_path / "run.checkpoint.safetensors"
-    trainer = sepce(model, fabric, iterations=6, save_every=2, checkpoint_path=checkpoint)
+    trainer = sepce(model, fabric, iterations=6, save_every=2, checkpoint=checkpoint)
     apply_model = model.apply_model
 
     def poisoned(x, t, cond, *args, **kwargs):
@@ -256,7 +255,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(
         trainer.fit()
     saved = checkpoint.read_bytes()
     resumed = sepce(
-        build_wide_tiny_model(wide_config), fabric, iterations=6, save_every=2, checkpoint_path=checkpoint, resume=True
+        build_wide_tiny_model(wide_config), fabric, iterations=6, save_every=2, checkpoint=checkpoint, resume=True
     )
     resumed.resume()
     assert resumed.step == 2 and checkpoint.read_bytes() == saved
@@ -271,7 +270,7 @@ def test_each_rank_takes_its_slice_of_the_global_batch(model: nn.Module) -> None
         bases = compute_bases(model, CONCEPTS[:1], min_dims=1)
         trainer = SepCETrainer(model, rank_fabric, bases, latents, config(batch_size=4))
         draws[rank] = trainer.draw_concept_batch(step_generator(0, 7), latents["a red"])
-        restore(model, CONCEPTS[:1])
+        detach(model, CONCEPTS[:1])
     whole = SepCETrainer(model, make_cpu_fabric(), compute_bases(model, CONCEPTS[:1], min_dims=1), latents, config(batch_size=4))
     full = whole.draw_concept_batch(step_generator(0, 7), latents["a red"])
     for field in ("latents", "timesteps", "noise"):
@@ -297,7 +296,7 @@ def attn2_keys(model: nn.Module) -> set[str]:
 
 def test_cie_changes_only_cross_attention(model: nn.Module, fabric: Fabric) -> None:
     before = frozen_state(model)
-    trainer = CiETrainer(model, fabric, "a red", random_latents(model)["a red"], config(lr=1e-3, iterations=2))
+    trainer = CiETrainer(model, fabric, "a red", random_latents(model)["a red"], config(CiESettings, lr=1e-3, iterations=2))
     trainer.fit()
     assert changed_keys(model, before) == attn2_keys(model)
     difference = trainer.difference()
@@ -309,7 +308,7 @@ def test_cie_changes_only_cross_attention(model: nn.Module, fabric: Fabric) -> N
 @pytest.mark.parametrize("train_method", ["xattn", "noxattn"])
 def test_esd_changes_only_its_weights(model: nn.Module, fabric: Fabric, train_method: str) -> None:
     before = frozen_state(model)
-    trainer = ESDTrainer(model, fabric, "a red", config(lr=1e-3, iterations=2), train_method, ddim_steps=4)
+    trainer = ESDTrainer(model, fabric, "a red", config(ESDSettings, lr=1e-3, iterations=2, train_method=train_method, ddim_steps=4))
     summary = trainer.fit()
     unet_keys = {key for key in before if key.startswith("model.diffusion_model.")}
     expected = attn2_keys(model) if train_method == "xattn" else unet_keys - attn2_keys(model)
@@ -319,7 +318,7 @@ def test_esd_changes_only_its_weights(model: nn.Module, fabric: Fabric, train_me
 
 
 def test_original_weights_swap_back_bit_exactly(model: nn.Module, fabric: Fabric) -> None:
-    trainer = CiETrainer(model, fabric, "a red", random_latents(model)["a red"], config(lr=1e-2, iterations=1))
+    trainer = CiETrainer(model, fabric, "a red", random_latents(model)["a red"], config(CiESettings, lr=1e-2, iterations=1))
     trainer.fit()
     trained = {name: p.detach().clone() for name, p in trainer.trained_parameters().items()}
     with trainer.original_weights():
@@ -360,21 +359,17 @@ def write_images(folder: Path, count: int, size: int = 16, seed: int = 0) -> Non
 
 
 def test_training_images_bad_input(model: nn.Module, tmp_path: Path) -> None:
-    with pytest.raises(TrainingDataError, match="does not exist"):
-        image_files(tmp_path / "a_red")
+    with pytest.raises(ImageDataError, match="does not exist"):
+        list_images(tmp_path / "a_red")
     (tmp_path / "a_red").mkdir()
-    with pytest.raises(TrainingDataError, match="is empty"):
-        image_files(tmp_path / "a_red")
-    write_images(tmp_path / "a_red", 2)
-    (tmp_path / "a_red" / "00002.png").write_bytes(b"not a png")
-    with pytest.raises(TrainingDataError, match="Cannot read training image .*00002.png"):
-        read_images(image_files(tmp_path / "a_red"))
-    (tmp_path / "a_red" / "00002.png").unlink()
+    with pytest.raises(ImageDataError, match="holds no images"):
+        list_images(tmp_path / "a_red")
     write_images(tmp_path / "mixed", 1, size=16)
     Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "00001.png")
-    with pytest.raises(TrainingDataError, match="mixed sizes"):
-        read_images(image_files(tmp_path / "mixed"))
-    latents = concept_latents(model, tmp_path, ["a red"])
+    with pytest.raises(ImageDataError, match="different sizes"):
+        read_images(list_images(tmp_path / "mixed"))
+    write_images(tmp_path / "a_red", 2)
+    latents = concept_latents(model, folder_images(tmp_path, ["a red"]), ["a red"])
     assert latents["a red"].shape == (2, model.channels, model.image_size, model.image_size)
 
 
@@ -385,6 +380,10 @@ def cli_args(parser: argparse.ArgumentParser, model_files: tuple[Path, Path], *e
         ["--config_path", str(config_path), "--ckpt_path", str(ckpt_path), "--accelerator", "cpu", "--no_progress",
          "--iterations", "2", "--batch_size", "1", *extra]
     )
+
+
+def run(fabric: Fabric, args: argparse.Namespace, kind: type[TrainingSettings]) -> dict:
+    return runs.run_training(fabric, cli.request_from_args(args, kind))
 
 
 @pytest.fixture(scope="module")
@@ -403,43 +402,36 @@ def test_sepce_script_writes_named_increments_and_one_json_line(
         cli.sepce_parser(), model_files, "--concepts", "a red", "--data_dir", str(tmp_path / "data"),
         "--output_dir", str(tmp_path / "out"), "--min_dims", "1",
     )
-    cli.run_sepce(fabric, args)
+    run(fabric, args, SepCESettings)
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
     expected = tmp_path / "out" / "sepce-a_red-lr_0.1-beta_1e-4-lam_1e-6-tau_1e-4.safetensors"
     assert summary["outputs"] == [str(expected)]
     assert summary["concepts"]["a red"]["steps"] == 2 and summary["seconds"] > 0
-    increment = load_increment(expected)
+    increment = Increment.load(expected)
     assert increment.metadata["training"]["steps"] == 2 and increment.metadata["settings"]["lr"] == 0.1
     with pytest.raises(ValueError, match="already exists"):
-        cli.run_sepce(fabric, args)
+        run(fabric, args, SepCESettings)
 
 
 def test_sepce_protects_the_other_classes_on_request(model_files: tuple[Path, Path]) -> None:
     model = load_model(*model_files)
-    parser = cli.sepce_parser()
-    on = cli_args(parser, model_files, "--concepts", "van gogh", "--protect", "Picasso", "--protect_classes")
-    assert cli.class_prompts_to_protect(model, on) == list(SD_ARTISTS[2:])  # not the concept, "" or --protect again
-    assert cli.class_prompts_to_protect(model, cli_args(parser, model_files)) == []  # off by default beyond the toy model
-    toy_default = parser.parse_args(["--concepts", "tamsin brack"])
-    assert cli.uses_toy_model(toy_default) and toy_default.protect_classes is None
+    on = SepCESettings(protect_classes=True)
+    assert protected_prompts(model, ["van gogh"], ["Picasso"], on) == ["Picasso", *SD_ARTISTS[2:]]
+    assert protected_prompts(model, ["van gogh"], [], SepCESettings()) == []  # the SD world's default: off
+    toy = World("toy-like", ("", "a red", "b blue"), protect_classes=True)
+    model.ldm_config.world = {"name": toy.name, "class_prompts": list(toy.class_prompts), "protect_classes": True}
+    assert protected_prompts(model, ["a red"], [], SepCESettings()) == ["b blue"]  # the world's default: on
 
 
-@pytest.mark.parametrize(("method", "make_parser", "reference"), [
-    ("sepce", cli.sepce_parser, 0.1), ("cie", cli.cie_parser, 1e-5), ("esd", cli.esd_parser, 1e-5),
+@pytest.mark.parametrize(("method", "kind", "reference", "toy"), [
+    ("sepce", SepCESettings, 0.1, 1.0), ("cie", CiESettings, 1e-5, 1e-4), ("esd", ESDSettings, 1e-5, 1e-4),
 ])
-def test_learning_rate_defaults_per_model(
-    model_files: tuple[Path, Path], method: str, make_parser: Callable[[], argparse.ArgumentParser], reference: float
-) -> None:
-    parser = make_parser()
-    assert cli.method_lr(method, parser.parse_args([])) == cli.DEFAULT_LRS[method].toy
-    assert cli.method_lr(method, cli_args(parser, model_files)) == reference  # METHOD.md's on any other model
-    assert cli.method_lr(method, parser.parse_args(["--lr", "0.3"])) == 0.3
-
-
-def test_sepce_output_names_record_the_resolved_learning_rate() -> None:
-    toy_lr = cli.format_number(cli.DEFAULT_LRS["sepce"].toy)
-    assert f"lr_{toy_lr}-" in str(cli.sepce_names(cli.sepce_parser().parse_args([]))[1])
+def test_learning_rate_defaults_per_world(method: str, kind: type[TrainingSettings], reference: float, toy: float) -> None:
+    assert kind().with_lr(method, "toy").lr == toy
+    assert kind().with_lr(method, "sd").lr == reference  # METHOD.md's on SD and any world without its own
+    assert kind().with_lr(method, "other").lr == reference
+    assert kind(lr=0.3).with_lr(method, "toy").lr == 0.3
 
 
 def test_cie_script_generates_missing_images_once(
@@ -451,26 +443,26 @@ def test_cie_script_generates_missing_images_once(
         cli.cie_parser(), model_files, "--prompt", "a red", "--num_images", "2", "--output_dir", str(tmp_path / "out"),
         "--lr", "1e-3",
     )
-    load_model = cli.load_model
+    original_load = runs.load_model
 
     def load_with_fast_sampling(*arguments: object, **keywords: object) -> nn.Module:
-        loaded = load_model(*arguments, **keywords)
+        loaded = original_load(*arguments, **keywords)
         loaded.ldm_config.sampling = {"steps": 2, "guidance_scale": 1.0}
         return loaded
 
-    monkeypatch.setattr(cli, "load_model", load_with_fast_sampling)
-    cli.run_cie(fabric, args)
+    monkeypatch.setattr(runs, "load_model", load_with_fast_sampling)
+    run(fabric, args, CiESettings)
     out = capsys.readouterr().out
     assert "Generating 2 training images of 'a red'" in out
     folders = list((tmp_path / "generated").glob("*/a_red"))
     assert len(folders) == 1 and len(list(folders[0].glob("*.png"))) == 2
     written = json.loads(out.strip().splitlines()[-1])["outputs"][0]
     assert Path(written).name == "cie-a_red-lr_1e-3-lam_1e-6-tau_1e-4.safetensors"
-    assert load_weight_difference(written).method == "cie"
-    cli.run_cie(fabric, cli_args(
+    assert WeightDifference.load(written).method == "cie"
+    run(fabric, cli_args(
         cli.cie_parser(), model_files, "--prompt", "a red", "--num_images", "2", "--output_dir", str(tmp_path / "out"),
         "--lr", "1e-3", "--overwrite",
-    ))
+    ), CiESettings)
     assert "Generating" not in capsys.readouterr().out
 
 
@@ -479,37 +471,54 @@ def test_script_refuses_a_stale_checkpoint_and_device_flag(
 ) -> None:
     args = cli_args(cli.esd_parser(), model_files, "--prompt", "a red", "--output_dir", str(tmp_path))
     stem = "esd_x-a_red-lr_1e-5-iter_2-sg_3-ng_1"
-    (tmp_path / f"{stem}{cli.CHECKPOINT_SUFFIX}").write_bytes(b"old")
+    (tmp_path / f"{stem}{runs.CHECKPOINT_SUFFIX}").write_bytes(b"old")
     with pytest.raises(TrainingSetupError, match="pass --resume to continue it or --overwrite"):
-        cli.run_esd(fabric, args)
+        run(fabric, args, ESDSettings)
     args.device = "cuda"
-    with pytest.raises(TrainingSetupError, match="--accelerator"):
-        cli.run_esd(fabric, args)
+    with pytest.raises(ValueError, match="--accelerator"):
+        run(fabric, args, ESDSettings)
 
 
 def test_output_names_record_the_hyperparameters() -> None:
-    assert cli.format_number(1e-4) == "1e-4" and cli.format_number(0.1) == "0.1" and cli.format_number(3e-5) == "3e-5"
-    assert cli.output_name("sepce", "van_gogh", {"lr": 0.1, "beta": 1e-4, "lam": 1e-6, "tau": 1e-4}) == (
+    assert runs.format_number(1e-4) == "1e-4" and runs.format_number(0.1) == "0.1" and runs.format_number(3e-5) == "3e-5"
+    assert runs.output_name("sepce", "van_gogh", {"lr": 0.1, "beta": 1e-4, "lam": 1e-6, "tau": 1e-4}) == (
         "sepce-van_gogh-lr_0.1-beta_1e-4-lam_1e-6-tau_1e-4"
     )
 
 
+class ConstantClassifier(nn.Module):
+    """An ACC classifier that always answers class 0 (the report test's stand-in)."""
+
+    arch = "constant"
+    num_classes = 2
+
+    def class_index(self, name: str) -> int:
+        return {"blank": 0, "a red": 1}[name]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([[1.0, 0.0]]).expand(len(images), 2)
+
+
+def constant_classifier(device: torch.device) -> ConstantClassifier:
+    return ConstantClassifier()
+
+
 def test_before_after_report_on_the_tiny_model(model: nn.Module, fabric: Fabric, tmp_path: Path) -> None:
     model.ldm_config = OmegaConf.create({"sampling": {"steps": 2, "guidance_scale": 1.0}})
-    trainer = sepce(model, fabric, iterations=1)
+    trainer = sepce(model, fabric, iterations=1, lr=1000.0)
     trainer.fit()
-    report = before_after_report(
-        model, ["", "a red"], ["blank", "A Red"], ["a red"], lambda images: torch.zeros(len(images)), tmp_path / "run",
-        samples_per_class=2,
-    )
-    assert report["classes"] == {
-        "blank": {"erased": False, "accuracy_before": 1.0, "accuracy_after": 1.0},
-        "A Red": {"erased": True, "accuracy_before": 0.0, "accuracy_after": 0.0},
-    }
-    grid_path, table_path = report_paths(tmp_path / "run")
-    assert Image.open(grid_path).size == (4 * 18 + 2, 2 * 18 + 2)  # 2 rows of 2 before + 2 after, 16 px + padding
-    assert json.loads(table_path.read_text())["seeds"] == report["seeds"]
-    assert "| A Red | yes | 0.00 | 0.00 |" in markdown_table(report)
+    increment = trainer.increments()["a red"]
+    detach(model, CONCEPTS)
+    world = World("tiny", ("", "a red"), classifier=f"{__name__}.constant_classifier")
+    table = before_after_report(model, [increment], world, tmp_path / "run", samples_per_class=2)
+    record = json.loads(report_paths(tmp_path / "run")[1].read_text())
+    rows = {row["class"]: row for row in record["classes"]}
+    assert rows["blank"]["acc_before"] == 1.0 and rows["a red"]["acc_after"] == 0.0 and rows["a red"]["erased"] == "yes"
+    assert rows["blank"]["pixel_change_max"] < 1e-5  # "" is protected: its samples move by float rounding only
+    assert rows["a red"]["pixel_change_max"] > 0.0
+    assert "| a red | yes | 0 | 0 |" in table
+    width, height = Image.open(report_paths(tmp_path / "run")[0]).size
+    assert width > 4 * 16 and height > 2 * 16  # 2 rows of 2 before + 2 after, labels around them
 
 
 def test_losses_are_defined_on_eps_for_v_models(model: nn.Module) -> None:

@@ -15,8 +15,10 @@ from lightning_fabric import Fabric
 from PIL import Image
 from safetensors.torch import save_file
 
-from erasure.increments import load_increment
-from erasure.trainers import cli
+from erasure.cli import request_from_args, sepce_parser
+from erasure.increments import Increment
+from erasure.runs import run_training
+from erasure.settings import SepCESettings
 from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "train-scripts" / "train-sepce.py"
@@ -46,7 +48,7 @@ def arguments(config: Path, ckpt: Path, data: Path, output: Path) -> list[str]:
 
 
 def coefficients(output: Path, concept: str) -> dict[str, torch.Tensor]:
-    return load_increment(next(output.glob(f"sepce-{concept}-*.safetensors"))).coeffs
+    return Increment.load(next(output.glob(f"sepce-{concept}-*.safetensors"))).coeffs
 
 
 def test_two_ddp_processes_match_one_process(tmp_path: Path) -> None:
@@ -54,7 +56,7 @@ def test_two_ddp_processes_match_one_process(tmp_path: Path) -> None:
     single = tmp_path / "single"
     fabric = Fabric(accelerator="cpu", devices=1)
     fabric.launch()
-    cli.run_sepce(fabric, cli.sepce_parser().parse_args(arguments(config, ckpt, data, single)))
+    run_training(fabric, request_from_args(sepce_parser().parse_args(arguments(config, ckpt, data, single)), SepCESettings))
 
     distributed = tmp_path / "ddp"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}

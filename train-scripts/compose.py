@@ -2,7 +2,7 @@
 
 --verify (increments only): composes them, prints the largest relative key/value change over
 every protected prompt of every increment and the largest absolute difference between the
-original model and the model after compose -> restore-all, as JSON on the last line.
+original model and the model after compose -> detach-all, as JSON on the last line.
 --output: writes the composed model, increments merged, as an ldm safetensors checkpoint that
 loads with the base model's config (e.g. --ckpt_path for txt2img or the diffusers export).
 
@@ -16,17 +16,10 @@ import argparse
 import json
 import time
 
-from erasure.cli import run_script
+from erasure.cli import add_model_arguments, load_model_from_args, run_script
+from erasure.edits import apply, load_edit
 from erasure.files import check_writable
-from erasure.increments import (
-    ConceptIncrement,
-    IncrementError,
-    apply_any,
-    export_checkpoint,
-    load_any,
-    verify,
-)
-from erasure.loading import add_model_arguments, load_model_from_args
+from erasure.increments import Increment, IncrementError, export_checkpoint, verify
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,8 +39,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     started = time.perf_counter()
     if args.output:
         check_writable(args.output, args.overwrite)
-    items = [load_any(path) for path in args.increments]
-    differences = [str(item.source) for item in items if not isinstance(item, ConceptIncrement)]
+    items = [load_edit(path) for path in args.increments]
+    differences = [str(item.source) for item in items if not isinstance(item, Increment)]
     if args.verify and differences:
         raise IncrementError(
             f"--verify checks SepCE increments, but {differences} are weight differences (which change every "
@@ -59,10 +52,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         result.update(verify(model, items))
         print(
             f"Verified {len(items)} increments: protected keys/values change by <= "
-            f"{result['max_relative_kv_change']:.3g} (relative); compose -> restore differs by "
+            f"{result['max_relative_kv_change']:.3g} (relative); compose -> detach differs by "
             f"{result['max_restore_abs_diff']:.3g}."
         )
-    result["applied"] = apply_any(model, items)
+    applied = apply(model, items)
+    result["applied"] = {"increments": applied.increments, "weight_differences": applied.weight_differences}
     if args.output:
         result["output"] = str(export_checkpoint(model, args.output, overwrite=args.overwrite))
         print(f"Wrote the composed model to {result['output']}")

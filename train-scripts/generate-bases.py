@@ -18,7 +18,7 @@ from erasure.bases import DEFAULT_MIN_DIMS, DEFAULT_RTOL, compute_bases, save_ba
 from erasure.cli import run_script
 from erasure.files import check_writable
 from erasure.increments import slugify
-from erasure.loading import add_model_arguments, load_model_from_args
+from erasure.cli import add_model_arguments, load_model_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -4,7 +4,8 @@ Flags: python train-scripts/train-cie.py --help. Defaults are METHOD.md's refere
 processes and devices: --accelerator, --devices, --num_nodes, --strategy (Lightning Fabric).
 """
 
-from erasure.trainers.cli import cie_parser, main, run_cie
+from erasure.cli import cie_parser, train_main
+from erasure.settings import CiESettings
 
 if __name__ == "__main__":
-    main(run_cie, cie_parser())
+    train_main(cie_parser(), CiESettings)

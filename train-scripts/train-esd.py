@@ -4,7 +4,8 @@ Flags: python train-scripts/train-esd.py --help. Defaults are METHOD.md's refere
 processes and devices: --accelerator, --devices, --num_nodes, --strategy (Lightning Fabric).
 """
 
-from erasure.trainers.cli import esd_parser, main, run_esd
+from erasure.cli import esd_parser, train_main
+from erasure.settings import ESDSettings
 
 if __name__ == "__main__":
-    main(run_esd, esd_parser())
+    train_main(esd_parser(), ESDSettings)

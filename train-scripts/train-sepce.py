@@ -5,7 +5,8 @@ with no arguments it erases the first toy artist from the embedded toy model and
 writes the increment, a before/after grid and the toy oracle's accuracy table.
 """
 
-from erasure.trainers.cli import main, run_sepce, sepce_parser
+from erasure.cli import sepce_parser, train_main
+from erasure.settings import SepCESettings
 
 if __name__ == "__main__":
-    main(run_sepce, sepce_parser())
+    train_main(sepce_parser(), SepCESettings)

@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train-toy.py: spinnin
 
 import torch  # noqa: E402
 
+from erasure.cli import run_script  # noqa: E402
 from erasure.toy import TOY_DIR  # noqa: E402
 from erasure.toy.oracle import OracleTrainingConfig, save_oracle, train_oracle  # noqa: E402
 
@@ -46,4 +47,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -2,11 +2,13 @@
 
     python train-scripts/train-toy.py                      # train (or resume) with configs/toy/toy-ldm.yaml
     python train-scripts/train-toy.py --max_minutes 30     # stop after 30 min; run again to continue
+    python train-scripts/train-toy.py --overwrite          # start over
 
 Seeded and config-driven (the `training:` section of the config). Every few minutes the run
 directory (runs/toy/) gets a checkpoint (model, EMA, optimizer, step); by default a new run
 continues from it, so a run killed by a session's end picks up where it stopped; SIGTERM (a plain
-`kill PID`) writes a checkpoint before exiting. The loss curve is runs/toy/loss.csv. When all
+`kill PID`) writes a checkpoint before exiting, and a stopped run exits with status 3 (EXIT_STOPPED).
+A checkpoint of a run with other training settings is refused. The loss curve is runs/toy/loss.csv. When all
 steps are done, models/toy/ gets model.safetensors (EMA weights), text_encoder/ (config +
 tokenizer) and model.json, each written atomically.
 """
@@ -28,8 +30,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from erasure.cli import run_script  # noqa: E402
 from erasure.toy import TOY_CONFIG, TOY_DIR  # noqa: E402
 from erasure.toy.training import ToyTrainer  # noqa: E402
+
+EXIT_STOPPED = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,9 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="total training steps (default: the config's)")
     parser.add_argument("--max_minutes", type=float, default=None,
                         help="stop this run after so many minutes, with a checkpoint, to be resumed later")
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="continue from the run directory's checkpoint if there is one (default); "
-                             "--no-resume starts over")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over, replacing the run directory's checkpoint (by default a run continues "
+                             "from it, and refuses one made with other training settings)")
     parser.add_argument("--run_dir", type=Path, default=REPO_ROOT / "runs" / "toy",
                         help="checkpoints, loss.csv and the working text encoder directory")
     parser.add_argument("--out_dir", type=Path, default=TOY_DIR, help="where the finished model is shipped")
@@ -56,19 +61,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"train-toy: config {args.config}, run dir {args.run_dir}, shipping to {args.out_dir}, "
           f"{torch.get_num_threads()} threads", flush=True)
-    trainer = ToyTrainer(args.config, args.run_dir, args.out_dir, steps=args.steps, resume=args.resume,
+    trainer = ToyTrainer(args.config, args.run_dir, args.out_dir, steps=args.steps, overwrite=args.overwrite,
                          log=lambda line: print(line, flush=True))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())  # checkpoint, then exit
-    finished = trainer.run(max_minutes=args.max_minutes, stop_requested=stop.is_set)
-    return 0 if finished else 3
+    if not trainer.run(max_minutes=args.max_minutes, stop_requested=stop.is_set):
+        sys.exit(EXIT_STOPPED)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -3,11 +3,11 @@ diffusion model trained on it, and oracle classifiers that judge its images.
 
 Modules: `world` (names, prompts, classes), `render` (deterministic images), `tokenizer`
 (CLIP-BPE files), `oracle` (artist / object / colour classifiers), `training` (the diffusion
-model's training loop). The shipped files live in `models/toy/` (TOY_DIR).
+model's training loop). The shipped files live in `models/toy/` (TOY_DIR; in a non-editable
+install, `erasure/_resources/models/toy/`: see `erasure.resources`).
 """
 
-from pathlib import Path
+from erasure.resources import toy_config_path, toy_model_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TOY_DIR = REPO_ROOT / "models" / "toy"
-TOY_CONFIG = REPO_ROOT / "configs" / "toy" / "toy-ldm.yaml"
+TOY_DIR = toy_model_dir()
+TOY_CONFIG = toy_config_path()

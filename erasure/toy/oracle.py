@@ -5,11 +5,15 @@ on ground truth: rendered images. Generated images are never pixel-perfect (a fi
 oracle, trained on clean renders, sent every slightly tinted background to one class), so
 training jitters brightness, contrast, tint, noise and blur; the oracles must judge style,
 shape and colour, not rendering accidents.
+
+The artist oracle is also the toy world's evaluation equipment (the `world:` entry of
+configs/toy/toy-ldm.yaml names these factories; METHOD.md §4): ``artist_classifier`` is the
+default ACC classifier and ``artist_network`` the feature network of FID and the LPIPS-like
+distance on toy images.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +26,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from erasure.classifier import ImageClassifier, SmallCNN
+from erasure.files import atomic_path, write_json
 from erasure.toy import TOY_DIR
 from erasure.toy.render import random_scene, render_batch
 from erasure.toy.world import CLASS_NAMES, COLOURS, OBJECTS
@@ -30,36 +36,6 @@ TASKS: dict[str, tuple[str, ...]] = {"artist": CLASS_NAMES, "object": OBJECTS, "
 ORACLE_WEIGHTS = "oracle.safetensors"
 ORACLE_META = "oracle.json"
 REBUILD_HINT = "rebuild it with `python train-scripts/train-toy-oracle.py`"
-
-
-class SmallCNN(nn.Module):
-    """Pixel-unshuffle to 16x16x12 (lossless, cheap), two conv stages (16 -> 8 -> 4 px), and a
-    linear layer on the 4x4 map.
-
-    Flattening the 4x4 map instead of global pooling keeps where things are, which some styles
-    need (a vertical gradient, a frame around the border).
-    """
-
-    def __init__(self, num_classes: int, width: int = 16) -> None:
-        super().__init__()
-
-        def conv(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-        self.features = nn.Sequential(
-            nn.PixelUnshuffle(2),
-            *conv(12, width),
-            *conv(width, 2 * width),
-            *conv(2 * width, 2 * width),
-            nn.MaxPool2d(2),
-            *conv(2 * width, 4 * width),
-            *conv(4 * width, 4 * width),
-            nn.MaxPool2d(2),
-        )
-        self.head = nn.Linear(4 * width * 4 * 4, num_classes)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images).flatten(1))
 
 
 class ToyOracle(nn.Module):
@@ -206,16 +182,13 @@ def train_oracle(config: OracleTrainingConfig, log_every: int = 100) -> tuple[To
 
 
 def save_oracle(oracle: ToyOracle, meta: dict[str, object], directory: str | Path = TOY_DIR) -> Path:
-    """Write oracle.safetensors and oracle.json atomically (temporary file, then rename)."""
+    """Write oracle.safetensors and oracle.json, each atomically (``erasure.files``)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights, meta_path = directory / ORACLE_WEIGHTS, directory / ORACLE_META
-    weights_tmp, meta_tmp = weights.with_name(weights.name + ".tmp"), meta_path.with_name(meta_path.name + ".tmp")
+    weights = directory / ORACLE_WEIGHTS
     state = {k: v.detach().contiguous() for k, v in oracle.state_dict().items()}
-    save_file(state, str(weights_tmp), metadata={"width": str(oracle.width)})
-    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    weights_tmp.replace(weights)
-    meta_tmp.replace(meta_path)
+    with atomic_path(weights) as temporary:
+        save_file(state, str(temporary), metadata={"width": str(oracle.width)})
+    write_json(meta, directory / ORACLE_META)
     return weights
 
 
@@ -233,3 +206,24 @@ def load_oracle(directory: str | Path = TOY_DIR, device: str | torch.device = "c
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as error:
         raise RuntimeError(f"toy oracle weights are damaged or incompatible: {path} ({error}); {REBUILD_HINT}") from error
     return oracle.to(device).eval()
+
+
+def artist_classifier(device: str | torch.device = "cpu") -> ImageClassifier:
+    """The shipped artist oracle as an ACC classifier (classes: blank and the nine artists).
+
+    The ``toy-cnn`` architecture is the oracle's ``SmallCNN`` behind a [0, 1] -> [-1, 1]
+    normalisation, so the weights carry over unchanged and its predictions on images in [0, 1]
+    are the oracle's on the same images in [-1, 1].
+    """
+    oracle = load_oracle()
+    artist = oracle.classifiers["artist"]
+    classifier = ImageClassifier("toy-cnn", CLASS_NAMES, width=oracle.width)
+    classifier.backbone[0].load_state_dict(artist.features.state_dict())
+    classifier.head.load_state_dict(artist.head.state_dict())
+    return classifier.to(device).eval()
+
+
+def artist_network(device: str | torch.device = "cpu") -> SmallCNN:
+    """The shipped artist oracle's network (images in [-1, 1], 32 px): its conv features are what
+    FID and the LPIPS-like distance compare on toy images, where Inception and AlexNet see little."""
+    return load_oracle(device=device).classifiers["artist"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from erasure.sampling import sample_images
+from erasure.generation import generate
 from erasure.toy.oracle import ToyOracle
 from erasure.toy.world import ARTISTS, CLASS_NAMES, COLOURS, OBJECTS, class_prompt
 
@@ -69,7 +69,7 @@ def measure_quality(
 
     def predict(prompts: list[str], first_seed: int, name: str) -> dict[str, torch.Tensor]:
         seeds = [first_seed + i for i in range(len(prompts))]
-        samples = sample_images(model, prompts, seeds, batch_size=batch_size)
+        samples = generate(model, prompts, seeds, batch_size=batch_size)
         if images is not None:
             images[name] = samples.cpu()
         labels = oracle.predict(samples.to(next(oracle.parameters()).device) * 2 - 1)

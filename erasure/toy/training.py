@@ -15,13 +15,14 @@ Design choices (see configs/toy/toy-ldm.yaml for the numbers) and why:
   UNet weights are its EMA.
 - Every step's data, timesteps and noise come from generators seeded by (seed, step), so a run
   resumed from a checkpoint draws exactly the batches an uninterrupted run would; checkpoints
-  therefore need no RNG state, only weights, EMA, optimizer and the step.
+  therefore need no RNG state, only weights, EMA, optimizer and the step. They use the trainers'
+  one-file format (erasure/trainers/checkpoint.py), which also refuses a checkpoint of a run
+  with other training settings.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import shutil
@@ -32,15 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors
 import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig
 
-from erasure.files import atomic_path
-from erasure.toy import REPO_ROOT
+from erasure.files import atomic_path, write_json
+from erasure.resources import source_root
 from erasure.toy.render import random_scene, render_batch
 from erasure.toy.text_encoder import train_text_encoder
 from erasure.toy.tokenizer import (
@@ -50,12 +50,14 @@ from erasure.toy.tokenizer import (
     write_tokenizer,
 )
 from erasure.toy.world import ARTISTS, BLANK_PROMPT, NUM_CLASSES
+from erasure.trainers.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.ema import LitEma
 from ldm.util import instantiate_from_config
 
-CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
-CHECKPOINT_STATE = "checkpoint.json"
+CHECKPOINT = "checkpoint.safetensors"
+#: Training settings that leave the trained weights unchanged, so a resumed run may differ in them.
+UNRECORDED_SETTINGS = ("checkpoint_minutes", "log_every")
 LOSS_CSV = "loss.csv"
 NULL_SPACE_TOLERANCE = 1e-6  # relative to the largest singular value
 
@@ -221,25 +223,15 @@ def null_space_dimensions(model: LatentDiffusion) -> dict[str, float | int]:
 
 
 def _repo_relative(path: Path) -> str:
-    resolved = path.resolve()
-    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(resolved)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    with atomic_path(path) as temporary:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
+    resolved, root = path.resolve(), source_root()
+    return str(resolved.relative_to(root)) if root is not None and resolved.is_relative_to(root) else str(resolved)
 
 
 class ToyTrainer:
     """Owns model, EMA and optimizer of one run directory; `run()` trains, checkpoints, ships."""
 
     def __init__(self, config_path: Path, run_dir: Path, out_dir: Path, steps: int | None = None,
-                 resume: bool = True, log: Callable[[str], None] = print) -> None:
+                 overwrite: bool = False, log: Callable[[str], None] = print) -> None:
         self.config_path = Path(config_path)
         self.config, self.cfg = load_toy_config(self.config_path)
         if steps is not None:
@@ -250,7 +242,7 @@ class ToyTrainer:
         self.text_encoder_dir = write_text_encoder_dir(self.run_dir / "text_encoder", self.cfg.text_encoder, max_length)
         torch.manual_seed(self.cfg.seed)
         self.model = build_model(self.config, self.text_encoder_dir)
-        resuming = resume and (self.run_dir / CHECKPOINT_STATE).is_file()
+        resuming = not overwrite and (self.run_dir / CHECKPOINT).is_file()
         self.text_encoder_training: dict[str, Any] = {}
         if not resuming:  # a checkpoint holds the trained text encoder
             self.text_encoder_training = train_text_encoder(
@@ -264,59 +256,36 @@ class ToyTrainer:
         self.step, self.train_seconds = 0, 0.0
         if resuming:
             self._load_checkpoint()
-        elif not resume:
+        elif overwrite:
             (self.run_dir / LOSS_CSV).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a resumed run restores in place: the trained parameters first, in optimizer order (the
+        checkpoint names optimizer state by position), then the model's other parameters and buffers (the trained
+        text encoder among them), then the EMA's buffers."""
+        trained = {f"model.{name}": p for name, p in self.model.named_parameters() if p.requires_grad}
+        model = {f"model.{name}": t for name, t in self.model.state_dict(keep_vars=True).items()}
+        ema = {f"ema.{name}": t for name, t in self.ema.state_dict(keep_vars=True).items()}
+        return {**trained, **{k: v for k, v in model.items() if k not in trained}, **ema}
+
+    def _run_settings(self) -> dict[str, Any]:
+        """The settings that decide the trained weights; a checkpoint of a run with others is refused."""
+        return {key: value for key, value in asdict(self.cfg).items() if key not in UNRECORDED_SETTINGS}
+
     def _save_checkpoint(self) -> None:
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
-        optimizer_state = self.optimizer.state_dict()
-        for index, state in optimizer_state["state"].items():
-            tensors.update({f"optimizer.{index}.{name}": value for name, value in state.items()})
-        _atomic_save_tensors(self.run_dir / CHECKPOINT_WEIGHTS, tensors, {"step": str(self.step)})
-        meta = {"step": self.step, "steps": self.cfg.steps, "seed": self.cfg.seed,
-                "train_seconds": self.train_seconds, "param_groups": optimizer_state["param_groups"],
-                "text_encoder_training": self.text_encoder_training}
-        _atomic_write_text(self.run_dir / CHECKPOINT_STATE, json.dumps(meta, indent=2))
-        self.log(f"checkpoint: step {self.step} -> {self.run_dir / CHECKPOINT_WEIGHTS}")
+        extra = {"train_seconds": self.train_seconds, "text_encoder_training": self.text_encoder_training}
+        state = TrainingState(step=self.step, run=self._run_settings(), stoppers={}, extra=extra)
+        save_checkpoint(self.run_dir / CHECKPOINT, self._checkpoint_tensors(), self.optimizer, state)
+        self.log(f"checkpoint: step {self.step} -> {self.run_dir / CHECKPOINT}")
 
     def _load_checkpoint(self) -> None:
-        meta = json.loads((self.run_dir / CHECKPOINT_STATE).read_text(encoding="utf-8"))
-        if meta["steps"] != self.cfg.steps or meta["seed"] != self.cfg.seed:
-            raise ValueError(
-                f"checkpoint in {self.run_dir} belongs to a run of {meta['steps']} steps with seed {meta['seed']}, "
-                f"not {self.cfg.steps} / {self.cfg.seed}; pass --steps {meta['steps']} to continue it, "
-                "or --no-resume to start over"
-            )
-        try:
-            tensors = load_file(str(self.run_dir / CHECKPOINT_WEIGHTS))
-        except (safetensors.SafetensorError, OSError) as error:
-            raise RuntimeError(f"checkpoint {self.run_dir / CHECKPOINT_WEIGHTS} is unreadable ({error}); "
-                               "delete it or pass --no-resume to start over") from error
-        stored_step = self._stored_step()
-        if stored_step != int(meta["step"]):
-            raise RuntimeError(f"{CHECKPOINT_WEIGHTS} (step {stored_step}) and {CHECKPOINT_STATE} (step {meta['step']}) "
-                               f"in {self.run_dir} disagree; pass --no-resume to start over")
-
-        def section(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        self.model.load_state_dict(section("model."), strict=True)
-        self.ema.load_state_dict(section("ema."), strict=True)
-        optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in section("optimizer.").items():
-            index, name = key.split(".", 1)
-            optimizer_state.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": meta["param_groups"]})
-        self.step, self.train_seconds = int(meta["step"]), float(meta["train_seconds"])
-        self.text_encoder_training = meta.get("text_encoder_training", {})
+        state = load_checkpoint(self.run_dir / CHECKPOINT, self._checkpoint_tensors(), self.optimizer,
+                                self._run_settings())
+        self.step, self.train_seconds = state.step, float(state.extra["train_seconds"])
+        self.text_encoder_training = state.extra["text_encoder_training"]
         self._truncate_loss_csv()
         self.log(f"resumed from step {self.step} ({self.train_seconds / 60:.1f} min of training so far)")
-
-    def _stored_step(self) -> int:
-        with safetensors.safe_open(str(self.run_dir / CHECKPOINT_WEIGHTS), framework="pt") as handle:
-            return int((handle.metadata() or {}).get("step", -1))
 
     def _truncate_loss_csv(self) -> None:
         """Drop loss rows logged after the checkpoint, which the resumed run will log again."""
@@ -405,7 +374,9 @@ class ToyTrainer:
         self.model.eval()
         state = self.model.state_dict()
         null_space = null_space_dimensions(self.model)
-        _atomic_save_tensors(self.out_dir / "model.safetensors", state, {"format": "pt", "step": str(self.step)})
+        with atomic_path(self.out_dir / "model.safetensors") as temporary:
+            tensors = {key: value.detach().contiguous() for key, value in state.items()}
+            save_file(tensors, str(temporary), metadata={"format": "pt", "step": str(self.step)})
         staged = self.out_dir / "text_encoder.tmp"
         shutil.rmtree(staged, ignore_errors=True)
         shutil.copytree(self.text_encoder_dir, staged)
@@ -434,6 +405,6 @@ class ToyTrainer:
                            "text_encoder": sum(p.numel() for p in self.model.cond_stage_model.parameters())},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         }
-        _atomic_write_text(self.out_dir / "model.json", json.dumps(meta, indent=2) + "\n")
+        write_json(meta, self.out_dir / "model.json")
         self.log(f"shipped {self.out_dir}: null space {null_space['null_space_dims']} dims "
                  f"(rank {null_space['rank']} of {null_space['rows']}x{null_space['width']})")

@@ -2,6 +2,6 @@
 
 Modules: ``loop`` (the shared training loop), ``runtime`` (Fabric, seeded global batches,
 gradient averaging), ``checkpoint``, ``data`` (training images -> latents), ``weights``
-(trainers of ordinary UNet weights), ``sepce``, ``cie``, ``esd``, ``report`` (before/after
-grid and accuracy table) and ``cli`` (the scripts' shared flags and driver).
+(trainers of ordinary UNet weights), ``sepce``, ``cie``, ``esd`` and ``report`` (before/after
+grid and accuracy table). ``erasure.training`` is their public front.
 """

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from erasure.files import read_tensors, write_tensors
 
@@ -53,11 +52,12 @@ def _optimizer_tensors(
 
 def save_checkpoint(
     path: Path,
-    parameters: Mapping[str, nn.Parameter],
+    parameters: Mapping[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     state: TrainingState,
 ) -> Path:
-    """Write ``parameters`` (named, in optimizer order), the optimizer and ``state`` to ``path``."""
+    """Write ``parameters`` (named, the optimizer's in its order first; any other tensor restored in place,
+    such as a buffer, may follow), the optimizer and ``state`` to ``path``."""
     names = list(parameters)
     tensors = {PARAM_PREFIX + name: parameter.detach() for name, parameter in parameters.items()}
     optimizer_tensors, optimizer_meta = _optimizer_tensors(optimizer, names)
@@ -75,7 +75,7 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: Path,
-    parameters: Mapping[str, nn.Parameter],
+    parameters: Mapping[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     run: Mapping[str, Any],
 ) -> TrainingState:

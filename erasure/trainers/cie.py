@@ -17,15 +17,10 @@ from torch import nn
 from erasure.losses import concept_representation, direction_loss, l1_regulariser
 from erasure.trainers.loop import (
     StepLoss,
-    TrainingConfig,
     predict_eps,
-    training_settings,
 )
-from erasure.trainers.runtime import TrainingSetupError
+from erasure.settings import CiESettings
 from erasure.trainers.weights import WeightTrainer, cross_attention_parameters
-
-DEFAULT_LR = 1e-5
-DEFAULT_LAMBDA = 1e-6
 
 
 class CiETrainer(WeightTrainer):
@@ -37,21 +32,17 @@ class CiETrainer(WeightTrainer):
         fabric: Fabric,
         concept: str,
         latents: torch.Tensor,
-        config: TrainingConfig,
-        lam: float = DEFAULT_LAMBDA,
+        settings: CiESettings,
     ) -> None:
-        if lam < 0:
-            raise TrainingSetupError(f"--lam must be >= 0, got {lam}.")
-        super().__init__(model, fabric, concept, cross_attention_parameters(model), config)
+        super().__init__(model, fabric, concept, cross_attention_parameters(model), settings)
         self.latents = latents.to(fabric.device)
-        self.lam = float(lam)
+        self.lam = float(settings.lam)
 
     def run_settings(self) -> dict[str, Any]:
         return {
             **self.base_settings(),
-            "lam": self.lam,
             "images": int(self.latents.shape[0]),
-            **training_settings(self.config),
+            **self.settings.result_settings(),
         }
 
     def step_loss(self, generator: torch.Generator, concepts: list[str]) -> StepLoss:

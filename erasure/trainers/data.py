@@ -1,28 +1,31 @@
 """Training images of each concept, made by the ORIGINAL model, encoded to latents once.
 
-Layout: ``{data_dir}/{slugify(concept)}/*.png`` (``.jpg`` too). Without a user ``--data_dir``
-the images are generated with ``erasure.sampling`` into ``data/generated/<model fingerprint>/``
-and reused by later runs (generation is resumable and sharded over the training processes).
+Images come from the caller (tensors in [0, 1], or a folder ``{data_dir}/{slugify(concept)}/*.png``)
+or are generated once with ``erasure.generation`` into ``data/generated/<model fingerprint>/`` and
+reused by later runs (generation is resumable and sharded over the training processes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from erasure.classifier import list_images, read_images, unit_float
+from erasure.generation import generate_concept_images
 from erasure.increments import slugify
-from erasure.loading import REPO_ROOT, model_fingerprint
-from erasure.sampling import SamplingSettings, generate_concept_images
+from erasure.loading import model_fingerprint
+from erasure.resources import source_root
+from erasure.samplers import sampling_settings
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-GENERATED_ROOT = REPO_ROOT / "data" / "generated"
+#: In a checkout its data/generated/; installed, the working directory's (never site-packages).
+GENERATED_ROOT = (source_root() or Path.cwd()) / "data" / "generated"
 ENCODE_BATCH = 16
+#: First seed of generated training images (image i from seed i).
+IMAGE_SEED = 0
 
 
 class TrainingDataError(ValueError):
@@ -38,46 +41,9 @@ def default_data_dir(model: nn.Module) -> Path:
     return GENERATED_ROOT / model_fingerprint(model)
 
 
-def image_files(folder: Path) -> list[Path]:
-    """The folder's images in name order; a missing or empty folder is an error."""
-    if not folder.is_dir():
-        raise TrainingDataError(
-            f"No training images for this concept: {folder} does not exist. Put images made by the original "
-            f"model there, or omit --data_dir to have them generated."
-        )
-    files = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
-    if not files:
-        raise TrainingDataError(
-            f"Training image folder {folder} is empty (no {'/'.join(IMAGE_SUFFIXES)} files); add images of the "
-            f"concept made by the original model, or omit --data_dir to have them generated."
-        )
-    return files
-
-
-def read_images(files: Sequence[Path]) -> torch.Tensor:
-    """RGB images as float [N, 3, H, W] in [-1, 1]; unreadable files and mixed sizes are errors."""
-    arrays = []
-    for path in files:
-        try:
-            with Image.open(path) as picture:
-                arrays.append(np.asarray(picture.convert("RGB"), dtype=np.uint8))
-        except (UnidentifiedImageError, OSError) as error:
-            raise TrainingDataError(
-                f"Cannot read training image {path} ({error}); delete or replace the file."
-            ) from error
-    sizes = sorted({array.shape[:2] for array in arrays})
-    if len(sizes) > 1:
-        raise TrainingDataError(
-            f"Training images in {files[0].parent} have mixed sizes {sizes}; use images of one size "
-            f"(the size the model generates)."
-        )
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    return pixels / 127.5 - 1.0
-
-
 @torch.no_grad()
 def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """First-stage latents (times ``scale_factor``) of images in [-1, 1], on the model's device.
+    """First-stage latents (times ``scale_factor``) of images (uint8, or float in [0, 1]), on the model's device.
 
     A VAE posterior is reduced to its mode, so the latents (and therefore training) do not
     depend on a random draw.
@@ -85,7 +51,7 @@ def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     device = model.betas.device
     latents = []
     for chunk in images.split(ENCODE_BATCH):
-        posterior = model.encode_first_stage(chunk.to(device))
+        posterior = model.encode_first_stage(unit_float(chunk).to(device) * 2.0 - 1.0)
         mode = posterior.mode() if isinstance(posterior, DiagonalGaussianDistribution) else posterior
         latents.append(model.get_first_stage_encoding(mode).float())
     return torch.cat(latents)
@@ -96,8 +62,6 @@ def ensure_generated(
     concepts: Sequence[str],
     data_dir: Path,
     num_images: int,
-    settings: SamplingSettings | None,
-    seed: int,
     rank: int,
     world_size: int,
     barrier: Callable[[], None],
@@ -113,20 +77,29 @@ def ensure_generated(
                 f"{folder} (reused by later runs)."
             )
         generate_concept_images(
-            model, concept, num_images, folder, seed0=seed, settings=settings, rank=rank, world_size=world_size,
-            progress=rank == 0,
+            model, concept, num_images, folder, seed0=IMAGE_SEED, settings=sampling_settings(model), rank=rank,
+            world_size=world_size, progress=rank == 0,
         )
     barrier()
 
 
-def concept_latents(
-    model: nn.Module, data_dir: Path, concepts: Sequence[str], limit: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Encoded training latents of every concept {concept: [N_c, C, h, w]} (at most ``limit`` each)."""
-    latents = {}
+def folder_images(data_dir: str | Path, concepts: Sequence[str], limit: int | None = None) -> dict[str, torch.Tensor]:
+    """uint8 images {concept: [N, 3, H, W]} from ``{data_dir}/{slug}/`` (at most ``limit`` per concept)."""
+    images = {}
     for concept in concepts:
-        files = image_files(concept_folder(data_dir, concept))
-        latents[concept] = encode_images(model, read_images(files[:limit] if limit else files))
+        files = list_images(concept_folder(data_dir, concept))
+        images[concept] = read_images(files[:limit] if limit else files)
+    return images
+
+
+def concept_latents(model: nn.Module, images: Mapping[str, torch.Tensor], concepts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Encoded training latents of every concept {concept: [N_c, C, h, w]}; every concept needs images."""
+    missing = [concept for concept in concepts if concept not in images or len(images[concept]) == 0]
+    if missing:
+        raise TrainingDataError(
+            f"No training images for {missing}; give images of every concept (or none, to have them generated)."
+        )
+    latents = {concept: encode_images(model, images[concept]) for concept in concepts}
     shapes = {concept: tuple(value.shape[1:]) for concept, value in latents.items()}
     if len(set(shapes.values())) > 1:
         raise TrainingDataError(

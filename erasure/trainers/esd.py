@@ -19,14 +19,12 @@ from lightning_fabric import Fabric
 from torch import nn
 
 from erasure.losses import MomentumStopper
-from erasure.sampling import latent_shape
+from erasure.samplers import latent_shape
 from erasure.trainers.loop import (
     StepLoss,
-    TrainingConfig,
     predict_eps,
-    training_settings,
 )
-from erasure.trainers.runtime import TrainingSetupError
+from erasure.settings import ESDSettings
 from erasure.trainers.weights import (
     WeightTrainer,
     cross_attention_parameters,
@@ -34,12 +32,7 @@ from erasure.trainers.weights import (
 )
 from ldm.models.diffusion.ddim import DDIMSampler
 
-DEFAULT_LR = 1e-5
-DEFAULT_DDIM_STEPS = 50
-DEFAULT_START_GUIDANCE = 3.0
-DEFAULT_NEGATIVE_GUIDANCE = 1.0
 TRAINED_SETS = {"xattn": cross_attention_parameters, "noxattn": non_cross_attention_parameters}
-METHOD_NAMES = {"xattn": "esd_x", "noxattn": "esd_u"}
 
 
 class ESDTrainer(WeightTrainer):
@@ -48,44 +41,30 @@ class ESDTrainer(WeightTrainer):
         model: nn.Module,
         fabric: Fabric,
         concept: str,
-        config: TrainingConfig,
-        train_method: str = "xattn",
-        ddim_steps: int = DEFAULT_DDIM_STEPS,
-        start_guidance: float = DEFAULT_START_GUIDANCE,
-        negative_guidance: float = DEFAULT_NEGATIVE_GUIDANCE,
+        settings: ESDSettings,
     ) -> None:
-        if train_method not in TRAINED_SETS:
-            raise TrainingSetupError(
-                f"--train_method {train_method!r} is unknown; use 'xattn' (ESD-x, attn2) or 'noxattn' (ESD-u)."
-            )
-        if ddim_steps < 1:
-            raise TrainingSetupError(f"--ddim_steps must be >= 1, got {ddim_steps}.")
-        self.method = METHOD_NAMES[train_method]
-        super().__init__(model, fabric, concept, TRAINED_SETS[train_method](model), config)
-        self.train_method = train_method
-        self.ddim_steps = ddim_steps
-        self.start_guidance = float(start_guidance)
-        self.negative_guidance = float(negative_guidance)
+        settings.validate()
+        self.method = settings.method
+        super().__init__(model, fabric, concept, TRAINED_SETS[settings.train_method](model), settings)
+        self.ddim_steps = settings.ddim_steps
+        self.start_guidance = float(settings.start_guidance)
+        self.negative_guidance = float(settings.negative_guidance)
         self.sampler = DDIMSampler(model)
-        self.sampler.make_schedule(ddim_steps)  # refuses a step count the schedule cannot make, before training
+        self.sampler.make_schedule(self.ddim_steps)  # refuses a step count the schedule cannot make, before training
 
     def make_stopper(self) -> MomentumStopper:
         """No early stop (warm-up = limit): ESD runs all its iterations; the momentum is only reported."""
-        return MomentumStopper(self.config.alpha, 0.0, self.config.iterations, self.config.iterations)
+        return MomentumStopper(self.settings.alpha, 0.0, self.settings.iterations, self.settings.iterations)
 
     def run_settings(self) -> dict[str, Any]:
         return {
             **self.base_settings(),
-            "train_method": self.train_method,
-            "ddim_steps": self.ddim_steps,
-            "start_guidance": self.start_guidance,
-            "negative_guidance": self.negative_guidance,
-            **training_settings(self.config),
+            **self.settings.result_settings(),
         }
 
     def step_loss(self, generator: torch.Generator, concepts: list[str]) -> StepLoss:
         shape = latent_shape(self.model)
-        start = torch.randn((self.config.batch_size, *shape), generator=generator)[self.rows]
+        start = torch.randn((self.settings.batch_size, *shape), generator=generator)[self.rows]
         steps_run = int(torch.randint(0, self.ddim_steps, (1,), generator=generator))
         rows = start.shape[0]
         device = self.model.betas.device

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from erasure.increments import slugify
 from erasure.losses import MomentumStopper
+from erasure.settings import TrainingSettings
 from erasure.trainers.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from erasure.trainers.runtime import (
     TrainingSetupError,
@@ -36,35 +37,6 @@ from ldm.models.diffusion.ddim import DDIMSampler
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf; training stopped and the last good checkpoint was kept."""
-
-
-@dataclass
-class TrainingConfig:
-    """Settings every trainer shares. ``iterations`` is the per-concept step limit."""
-
-    lr: float
-    iterations: int = 1000
-    batch_size: int = 1
-    seed: int = 0
-    alpha: float = 0.9
-    tau: float = 1e-4
-    warmup: int = 10
-    save_every: int = 100
-    checkpoint_path: Path | None = None
-    resume: bool = False
-    progress: bool = True
-
-    def validate(self) -> None:
-        if not math.isfinite(self.lr) or self.lr <= 0:
-            raise TrainingSetupError(f"--lr must be a positive number, got {self.lr}.")
-        if self.iterations < 1 or self.batch_size < 1:
-            raise TrainingSetupError(
-                f"--iterations and --batch_size must be >= 1, got {self.iterations} and {self.batch_size}."
-            )
-        if self.save_every < 0:
-            raise TrainingSetupError(f"--save_every must be >= 0 (0: never), got {self.save_every}.")
-        if self.resume and self.checkpoint_path is None:
-            raise TrainingSetupError("resume=True needs a checkpoint_path.")
 
 
 @dataclass
@@ -95,8 +67,10 @@ class ConceptTrainer(ABC):
 
     method: str = ""
 
-    def __init__(self, model: nn.Module, fabric: Fabric, concepts: list[str], config: TrainingConfig) -> None:
-        config.validate()
+    def __init__(self, model: nn.Module, fabric: Fabric, concepts: list[str], settings: TrainingSettings) -> None:
+        settings.validate()
+        if settings.lr is None:
+            raise TrainingSetupError("The trainer needs a learning rate; fill it with settings.with_lr(method, world).")
         if not concepts:
             raise TrainingSetupError("Give at least one concept to erase.")
         slugs = [slugify(concept) for concept in concepts]
@@ -105,8 +79,8 @@ class ConceptTrainer(ABC):
         self.model = model
         self.fabric = fabric
         self.concepts = list(concepts)
-        self.config = config
-        self.rows = local_rows(config.batch_size, fabric.global_rank, fabric.world_size)
+        self.settings = settings
+        self.rows = local_rows(settings.batch_size, fabric.global_rank, fabric.world_size)
         self.stoppers = {concept: self.make_stopper() for concept in self.concepts}
         self.step = 0
         self.saved_step: int | None = None
@@ -132,7 +106,7 @@ class ConceptTrainer(ABC):
         """Everything that decides the result, compared on resume and stored with the outputs."""
 
     def make_stopper(self) -> MomentumStopper:
-        return MomentumStopper(self.config.alpha, self.config.tau, self.config.warmup, self.config.iterations)
+        return MomentumStopper(self.settings.alpha, self.settings.tau, self.settings.warmup, self.settings.iterations)
 
     def training_concepts(self) -> list[str]:
         """Concepts that train in the next step (default: every one not yet stopped)."""
@@ -142,7 +116,7 @@ class ConceptTrainer(ABC):
         """Called once when ``concept`` stops (SepCE freezes its coefficients here)."""
 
     def total_steps_bound(self) -> int:
-        return self.config.iterations
+        return self.settings.iterations
 
     # ------------------------------------------------------------------ shared helpers
     def contexts(self, prompt: str, count: int) -> torch.Tensor:
@@ -151,7 +125,7 @@ class ConceptTrainer(ABC):
 
     def draw_concept_batch(self, generator: torch.Generator, latents: torch.Tensor) -> ConceptBatch:
         """Draw a global batch (image indices, t uniform in [0, T), noise) and keep this rank's rows."""
-        size = self.config.batch_size
+        size = self.settings.batch_size
         indices = torch.randint(0, latents.shape[0], (size,), generator=generator)
         timesteps = torch.randint(0, self.model.num_timesteps, (size,), generator=generator)
         noise = torch.randn((size, *latents.shape[1:]), generator=generator)
@@ -166,7 +140,7 @@ class ConceptTrainer(ABC):
     def _optimizer(self) -> torch.optim.Optimizer:
         if self.optimizer is None:
             parameters = list(self.trained_parameters().values())
-            self.optimizer = self.fabric.setup_optimizers(torch.optim.Adam(parameters, lr=self.config.lr))
+            self.optimizer = self.fabric.setup_optimizers(torch.optim.Adam(parameters, lr=self.settings.lr))
         return self.optimizer
 
     def _training_state(self) -> TrainingState:
@@ -179,16 +153,16 @@ class ConceptTrainer(ABC):
 
     def save(self) -> None:
         """Write the checkpoint (rank 0) and wait for every rank."""
-        if self.config.checkpoint_path is None:
+        if self.settings.checkpoint is None:
             return
         if self.fabric.global_rank == 0:
-            save_checkpoint(self.config.checkpoint_path, self.trained_parameters(), self._optimizer(), self._training_state())
+            save_checkpoint(self.settings.checkpoint, self.trained_parameters(), self._optimizer(), self._training_state())
         self.saved_step = self.step
         self.fabric.barrier()
 
     def resume(self) -> None:
         state = load_checkpoint(
-            self.config.checkpoint_path, self.trained_parameters(), self._optimizer(), self.run_settings()
+            self.settings.checkpoint, self.trained_parameters(), self._optimizer(), self.run_settings()
         )
         self.step = self.saved_step = state.step
         self.seconds = float(state.extra.get("seconds", 0.0))
@@ -202,7 +176,7 @@ class ConceptTrainer(ABC):
             return
         bad = [name for name, value in zip(names, values.tolist()) if not math.isfinite(value)]
         where = (
-            f"the last good checkpoint {self.config.checkpoint_path} (step {self.saved_step}) was kept; start "
+            f"the last good checkpoint {self.settings.checkpoint} (step {self.saved_step}) was kept; start "
             f"again with a lower --lr (--overwrite)"
             if self.saved_step is not None
             else "no checkpoint had been written yet; start again with a lower --lr"
@@ -219,39 +193,50 @@ class ConceptTrainer(ABC):
             postfix[f"m[{slugify(concept)}]"] = momentum
         return postfix
 
+    def train_step(self) -> float:
+        """One optimisation step of the concepts still training; returns the global mean loss.
+
+        The step's draws come from ``step_generator(seed, step)``, so a resumed run (and a
+        benchmark stepping the trainer by hand) draws exactly what the uninterrupted run draws.
+        """
+        concepts = self.training_concepts()
+        if not concepts:
+            raise TrainingSetupError(f"{self.method}: every concept has stopped; nothing is left to train.")
+        optimizer = self._optimizer()
+        generator = step_generator(self.settings.seed, self.step)
+        optimizer.zero_grad(set_to_none=True)
+        with self.fabric.autocast():
+            result = self.step_loss(generator, concepts)
+        values = global_mean(self.fabric, [result.loss.detach().float(), *[result.tracked[c] for c in concepts]])
+        self._check_finite(values, ["loss", *concepts])
+        self.fabric.backward(result.loss)
+        average_gradients(self.fabric, list(self.trained_parameters().values()))
+        optimizer.step()
+        for concept, value in zip(concepts, values[1:].tolist()):
+            if self.stoppers[concept].update(value):
+                self.on_stop(concept)
+        self.step += 1
+        return values[0].item()
+
     def fit(self) -> dict[str, Any]:
         """Train until every concept has stopped; returns the summary (``summary()``)."""
-        optimizer = self._optimizer()
-        if self.config.resume:
+        self._optimizer()
+        if self.settings.resume:
             self.resume()
-        parameters = list(self.trained_parameters().values())
         started = time.perf_counter() - self.seconds
         bar = tqdm(
             total=self.total_steps_bound(),
             initial=self.step,
             desc=self.method,
-            disable=not self.config.progress or self.fabric.global_rank != 0,
+            disable=not self.settings.progress or self.fabric.global_rank != 0,
         )
-        while concepts := self.training_concepts():
-            generator = step_generator(self.config.seed, self.step)
-            optimizer.zero_grad(set_to_none=True)
-            with self.fabric.autocast():
-                result = self.step_loss(generator, concepts)
-            names = ["loss", *concepts]
-            values = global_mean(self.fabric, [result.loss.detach().float(), *[result.tracked[c] for c in concepts]])
-            self._check_finite(values, names)
-            self.fabric.backward(result.loss)
-            average_gradients(self.fabric, parameters)
-            optimizer.step()
-            for concept, value in zip(concepts, values[1:].tolist()):
-                if self.stoppers[concept].update(value):
-                    self.on_stop(concept)
-            self.step += 1
+        while self.training_concepts():
+            loss = self.train_step()
             self.seconds = time.perf_counter() - started
-            if self.config.save_every and self.step % self.config.save_every == 0:
+            if self.settings.save_every and self.step % self.settings.save_every == 0:
                 self.save()
             bar.update(1)
-            bar.set_postfix(self._postfix(values[0].item()), refresh=False)
+            bar.set_postfix(self._postfix(loss), refresh=False)
         bar.close()
         self.seconds = time.perf_counter() - started
         return self.summary()
@@ -269,17 +254,9 @@ class ConceptTrainer(ABC):
             },
             "seconds": round(self.seconds, 2),
             "processes": self.fabric.world_size,
-            "global_batch": self.config.batch_size,
+            "global_batch": self.settings.batch_size,
         }
 
     def metadata(self) -> dict[str, Any]:
         """What the output files record about this run."""
         return {"method": self.method, "settings": self.run_settings(), "summary": self.summary()}
-
-
-def training_settings(config: TrainingConfig) -> dict[str, Any]:
-    """The parts of ``TrainingConfig`` that decide the result (not paths, progress or resume)."""
-    settings = asdict(config)
-    for key in ("checkpoint_path", "resume", "progress", "save_every"):
-        settings.pop(key)
-    return settings

@@ -1,13 +1,15 @@
-"""Before/after evidence of an erasure: a PNG grid of the same seeds and a per-class accuracy table.
+"""Before/after evidence of an erasure: a labelled PNG grid of the same seeds and a per-class table.
 
-For the toy world (the quick start): every class prompt ("" and the nine artists) is sampled
-with the same seeds with the increments switched off (the original model) and on (the erased
-model); a classifier (the toy oracle's artist head) labels every image.
+Every class prompt of the model's world ("" and the artists) is sampled with the same seeds by
+the original model and by the model with the edits applied; ``erasure.evaluate`` gives each
+class's accuracy before and after (the world's classifier: the toy oracle on the toy model) and
+its pixel change. The grid's rows are the classes (named at the left), its columns the "before"
+samples, then the "after" samples of the same seeds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +17,18 @@ import torch
 from torch import nn
 
 from erasure.bases import normalise_prompt
+from erasure.edits import Edit, apply
+from erasure.evaluation import evaluate, make_evaluator
 from erasure.files import write_json
-from erasure.sampling import sample_images, save_png
-from ldm.modules.incremental_linear import increments_disabled
+from erasure.generation import generate, save_png
+from erasure.grids import labelled_grid
+from erasure.tables import markdown_table
+from erasure.worlds import World
 
-GRID_PADDING = 2
-
-
-def image_grid(rows: Sequence[torch.Tensor], padding: int = GRID_PADDING) -> torch.Tensor:
-    """Tile rows of images ([N, 3, H, W] each, equal N) into one [3, H', W'] image on white."""
-    count, channels, height, width = rows[0].shape
-    grid = torch.ones(channels, len(rows) * (height + padding) + padding, count * (width + padding) + padding)
-    for row_index, row in enumerate(rows):
-        for column, image in enumerate(row):
-            top = padding + row_index * (height + padding)
-            left = padding + column * (width + padding)
-            grid[:, top : top + height, left : left + width] = image.detach().float().cpu()
-    return grid
+SAMPLES_PER_CLASS = 8
+FIRST_SEED = 10_000
+COLUMNS = ("class", "erased", "acc_before", "acc_after", "pixel_change_max")
+HEADERS = ("class", "erased", "accuracy before", "accuracy after", "largest pixel change")
 
 
 def report_paths(stem: Path) -> tuple[Path, Path]:
@@ -39,54 +36,39 @@ def report_paths(stem: Path) -> tuple[Path, Path]:
     return stem.with_name(f"{stem.name}-grid.png"), stem.with_name(f"{stem.name}-accuracy.json")
 
 
-def accuracy(predicted: torch.Tensor, label: int) -> float:
-    return float((predicted == label).float().mean())
-
-
 def before_after_report(
     model: nn.Module,
-    class_prompts: Sequence[str],
-    class_names: Sequence[str],
-    erased: Sequence[str],
-    classify: Callable[[torch.Tensor], torch.Tensor],
+    edits: Sequence[Edit],
+    world: World,
     stem: Path,
-    samples_per_class: int = 8,
-    seed: int = 10_000,
-) -> dict[str, Any]:
-    """Sample every class before/after, write ``{stem}-grid.png`` and ``{stem}-accuracy.json``.
-
-    ``classify`` maps images in [0, 1] to class indices (the index of ``class_prompts``).
-    Grid rows are classes; each row holds the "before" samples, then the "after" samples of the
-    same seeds. Returns the accuracy table: per class, before and after, and which were erased.
-    """
+    device: torch.device | str = "cpu",
+    samples_per_class: int = SAMPLES_PER_CLASS,
+    seed: int = FIRST_SEED,
+) -> str:
+    """Sample every class before and after ``edits``, write ``{stem}-grid.png`` and
+    ``{stem}-accuracy.json``; returns the per-class table as Markdown. The model is left unedited."""
     seeds = [seed + index for index in range(samples_per_class)]
-    erased_names = {normalise_prompt(concept) for concept in erased}
-    rows, table = [], {}
-    unet = model.model.diffusion_model
-    for label, (prompt, name) in enumerate(zip(class_prompts, class_names)):
+    erased = {normalise_prompt(edit.concept) for edit in edits}
+    evaluator = make_evaluator(("acc", "pixel"), world=world, device=device)
+    rows, table = [], []
+    for prompt, name in zip(world.class_prompts, world.names):
         prompts = [prompt] * samples_per_class
-        with increments_disabled(unet):
-            before = sample_images(model, prompts, seeds)
-        after = sample_images(model, prompts, seeds)
+        before = generate(model, prompts, seeds)
+        with apply(model, edits):
+            after = generate(model, prompts, seeds)
         rows.append(torch.cat([before, after]))
-        table[name] = {
-            "erased": normalise_prompt(name) in erased_names,
-            "accuracy_before": accuracy(classify(before), label),
-            "accuracy_after": accuracy(classify(after), label),
-        }
+        metrics = evaluate(before, after, concept=name, metrics=("acc", "pixel"), evaluator=evaluator)
+        table.append({
+            "class": name,
+            "erased": "yes" if normalise_prompt(prompt) in erased and prompt else "",
+            "acc_before": metrics.acc_original,
+            "acc_after": metrics.acc,
+            "pixel_change_max": metrics.pixel_change_max,
+        })
     grid_path, table_path = report_paths(stem)
-    save_png(image_grid(rows), grid_path)
-    report = {"samples_per_class": samples_per_class, "seeds": seeds, "classes": table, "grid": str(grid_path)}
-    write_json(report, table_path)
-    return report
-
-
-def markdown_table(report: dict[str, Any]) -> str:
-    """The accuracy table as Markdown (class, erased, before, after)."""
-    lines = ["| class | erased | accuracy before | accuracy after |", "|---|---|---|---|"]
-    for name, row in report["classes"].items():
-        label = name or '""'
-        lines.append(
-            f"| {label} | {'yes' if row['erased'] else ''} | {row['accuracy_before']:.2f} | {row['accuracy_after']:.2f} |"
-        )
-    return "\n".join(lines)
+    grid = labelled_grid(rows, list(world.names), block_labels=[("before", samples_per_class), ("after", samples_per_class)])
+    save_png(grid, grid_path)
+    record: dict[str, Any] = {"samples_per_class": samples_per_class, "seeds": seeds, "classes": table,
+                              "grid": str(grid_path)}
+    write_json(record, table_path)
+    return markdown_table(COLUMNS, table, HEADERS)

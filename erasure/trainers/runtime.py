@@ -11,7 +11,6 @@ concept's coefficients mid-run are all allowed. Fabric launches the processes (`
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -39,23 +38,6 @@ class FabricOptions:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
-
-
-def add_fabric_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``--accelerator --devices --num_nodes --strategy --precision`` (Lightning's names)."""
-    group = parser.add_argument_group("processes and devices (Lightning Fabric)")
-    group.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="default: auto (a GPU if present)")
-    group.add_argument("--devices", type=int, default=1, help="processes (devices) per node (default: 1)")
-    group.add_argument("--num_nodes", type=int, default=1, help="number of machines (default: 1)")
-    group.add_argument("--strategy", default="auto", choices=STRATEGIES, help="default: auto (ddp when devices > 1)")
-    group.add_argument(
-        "--precision", default="32-true", choices=PRECISIONS, help="autocast: bf16-mixed, or 16-mixed on CUDA only"
-    )
-    return parser
-
-
-def fabric_options_from_args(args: argparse.Namespace) -> FabricOptions:
-    return FabricOptions(args.accelerator, args.devices, args.num_nodes, args.strategy, args.precision)
 
 
 def make_fabric(options: FabricOptions) -> Fabric:

@@ -25,13 +25,14 @@ from torch import nn
 
 from erasure.bases import ConceptBasis
 from erasure.increments import (
-    ConceptIncrement,
+    Increment,
     attach_increment,
     cross_attention_kv,
     extract_increment,
     slugify,
 )
 from erasure.loading import model_fingerprint
+from erasure.settings import SepCESettings
 from erasure.losses import (
     concept_representation,
     direction_product,
@@ -41,16 +42,10 @@ from erasure.losses import (
 from erasure.trainers.loop import (
     ConceptTrainer,
     StepLoss,
-    TrainingConfig,
     predict_eps,
-    training_settings,
 )
 from erasure.trainers.runtime import TrainingSetupError, global_sum
 from ldm.modules.incremental_linear import increments_disabled
-
-DEFAULT_LR = 0.1
-DEFAULT_BETA = 1e-4
-DEFAULT_LAMBDA = 1e-6
 
 
 class SepCETrainer(ConceptTrainer):
@@ -64,24 +59,19 @@ class SepCETrainer(ConceptTrainer):
         fabric: Fabric,
         bases: Mapping[str, ConceptBasis],
         latents: Mapping[str, torch.Tensor],
-        config: TrainingConfig,
-        beta: float = DEFAULT_BETA,
-        lam: float = DEFAULT_LAMBDA,
-        sequential: bool = False,
+        settings: SepCESettings,
     ) -> None:
         concepts = list(bases)
         missing = [concept for concept in concepts if concept not in latents]
         if missing:
             raise TrainingSetupError(f"No training latents for concepts {missing}; give images of every concept.")
-        if lam < 0:
-            raise TrainingSetupError(f"--lam must be >= 0, got {lam}.")
         self.base_fingerprint = model_fingerprint(model)
-        super().__init__(model, fabric, concepts, config)
+        super().__init__(model, fabric, concepts, settings)
         self.bases = dict(bases)
         self.latents = {concept: latents[concept].to(fabric.device) for concept in concepts}
-        self.beta = float(beta)
-        self.lam = float(lam)
-        self.sequential = sequential
+        self.beta = float(settings.beta)
+        self.lam = float(settings.lam)
+        self.sequential = settings.mode == "sequential"
         self.layers = cross_attention_kv(model)
         self.unet = model.model.diffusion_model
         self.names = {concept: slugify(concept) for concept in concepts}
@@ -101,7 +91,7 @@ class SepCETrainer(ConceptTrainer):
         return remaining[:1] if self.sequential else remaining
 
     def total_steps_bound(self) -> int:
-        return self.config.iterations * (len(self.concepts) if self.sequential else 1)
+        return self.settings.iterations * (len(self.concepts) if self.sequential else 1)
 
     def on_stop(self, concept: str) -> None:
         """Freeze the concept's coefficients where they are: its increment is final."""
@@ -114,13 +104,11 @@ class SepCETrainer(ConceptTrainer):
             "method": self.method,
             "mode": "sequential" if self.sequential else "joint",
             "concepts": self.concepts,
-            "beta": self.beta,
-            "lam": self.lam,
             "basis_dims": {concept: basis.dims for concept, basis in self.bases.items()},
             "protected_prompts": {concept: basis.protected_prompts for concept, basis in self.bases.items()},
             "images": {concept: int(latents.shape[0]) for concept, latents in self.latents.items()},
             "base_model_fingerprint": self.base_fingerprint,
-            **training_settings(self.config),
+            **self.settings.result_settings(),
         }
 
     def _switch_on(self, concepts: list[str]) -> None:
@@ -181,7 +169,7 @@ class SepCETrainer(ConceptTrainer):
             for layer in self.layers.values():
                 layer.set_active(None)
 
-    def increments(self) -> dict[str, ConceptIncrement]:
+    def increments(self) -> dict[str, Increment]:
         """The trained increments, one per concept, with this run's record in their metadata."""
         summary = self.summary()
         result = {}

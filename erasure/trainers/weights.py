@@ -18,7 +18,8 @@ from lightning_fabric import Fabric
 from torch import nn
 
 from erasure.loading import model_fingerprint
-from erasure.trainers.loop import ConceptTrainer, TrainingConfig
+from erasure.settings import TrainingSettings
+from erasure.trainers.loop import ConceptTrainer
 from erasure.trainers.runtime import TrainingSetupError
 from erasure.weight_differences import WeightDifference, weight_difference
 
@@ -58,12 +59,12 @@ class WeightTrainer(ConceptTrainer):
         fabric: Fabric,
         concept: str,
         parameters: dict[str, nn.Parameter],
-        config: TrainingConfig,
+        settings: TrainingSettings,
     ) -> None:
         if not isinstance(concept, str):
             raise TrainingSetupError(f"{self.method} erases one concept per run; got {concept!r}.")
         self.base_fingerprint = model_fingerprint(model)
-        super().__init__(model, fabric, [concept], config)
+        super().__init__(model, fabric, [concept], settings)
         self.concept = concept
         self.parameters = parameters
         for parameter in parameters.values():
@@ -85,6 +86,14 @@ class WeightTrainer(ConceptTrainer):
     def _swap(self) -> None:
         for name, parameter in self.parameters.items():
             parameter.data, self.originals[name] = self.originals[name], parameter.data
+
+    @torch.no_grad()
+    def put_back_originals(self) -> None:
+        """Leave the model as it was before training: original values, no gradients."""
+        for name, parameter in self.parameters.items():
+            parameter.copy_(self.originals[name])
+            parameter.requires_grad_(False)
+            parameter.grad = None
 
     def weight_changes(self) -> list[torch.Tensor]:
         """``W - W0`` per trained tensor (with grad), for the L1 regulariser."""

@@ -11,7 +11,7 @@ State dict
     ``increments.<name>.coeff``, ``.basis``, ``.beta`` (float64 scalar) and ``.active`` (bool
     scalar); loading such a state dict into a fresh layer recreates the increments.
     Merged, the layer saves itself as the plain linear layer it currently is: the merged
-    ``weight`` and no increments, so exporters get baked weights (restore() before saving to
+    ``weight`` and no increments, so exporters get baked weights (unmerge() before saving to
     keep the increments).
 """
 
@@ -174,15 +174,19 @@ class IncrementalLinear(nn.Linear):
     def merge(self) -> None:
         """Fold the active increments into ``weight``, keeping an exact copy of the original."""
         if self.merged:
-            raise RuntimeError("IncrementalLinear is already merged; call restore() before merging again.")
+            raise RuntimeError("IncrementalLinear is already merged; call unmerge() before merging again.")
         self._original_weight = self.weight.detach().clone()
         self.weight.add_(self.delta_weight())
 
     @torch.no_grad()
-    def restore(self) -> None:
-        """Put back the exact pre-merge weight (a copy, not a subtraction)."""
+    def unmerge(self) -> None:
+        """Put back the exact pre-merge weight (a copy, not a subtraction); the increments stay.
+
+        Named ``unmerge`` rather than ``restore``: in the project "restore" means bringing an
+        erased concept back (removing its increment), which this does not do.
+        """
         if not self.merged:
-            raise RuntimeError("IncrementalLinear is not merged; there is nothing to restore.")
+            raise RuntimeError("IncrementalLinear is not merged; there is nothing to unmerge.")
         self.weight.copy_(self._original_weight)
         self._original_weight = None
 
@@ -205,7 +209,7 @@ class IncrementalLinear(nn.Linear):
     ) -> None:
         """Recreate the increments named in ``state_dict`` before their tensors are loaded."""
         if self.merged:
-            raise RuntimeError(f"Cannot load a state dict into the merged layer '{prefix}'; call restore() first.")
+            raise RuntimeError(f"Cannot load a state dict into the merged layer '{prefix}'; call unmerge() first.")
         head = prefix + _INCREMENTS + "."
         for key, coeff in state_dict.items():
             if not (key.startswith(head) and key.endswith(".coeff")):
@@ -245,7 +249,7 @@ class IncrementalLinear(nn.Linear):
 
     def _require_unmerged(self, action: str) -> None:
         if self.merged:
-            raise RuntimeError(f"Cannot {action} while the increments are merged; call restore() first.")
+            raise RuntimeError(f"Cannot {action} while the increments are merged; call unmerge() first.")
 
 
 def incremental_linears(model: nn.Module) -> dict[str, IncrementalLinear]:
@@ -263,7 +267,7 @@ def increments_disabled(model: nn.Module) -> Iterator[nn.Module]:
     layers = incremental_linears(model)
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
-        raise RuntimeError(f"Cannot disable merged increments (layers {merged[:3]}...); call restore() first.")
+        raise RuntimeError(f"Cannot disable merged increments (layers {merged[:3]}...); call unmerge() first.")
     previous = {name: layer.active_names for name, layer in layers.items()}
     for layer in layers.values():
         layer.set_active([])

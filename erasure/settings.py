@@ -1,0 +1,152 @@
+"""Every training default, once: frozen settings of SepCE, CiE and ESD (METHOD.md §1, §2, §5).
+
+The scripts map their flags onto these dataclasses and the Python API takes them as they are, so
+a default lives here and nowhere else. ``lr=None`` means "the method's default learning rate for
+the model's world" (``DEFAULT_LEARNING_RATES``): METHOD.md's reference values on Stable
+Diffusion, values measured on the shipped toy model for the toy world (at the SD values the toy
+artist is not erased: SepCE at 0.1 still has momentum 0.13 after 1000 steps, CiE at 1e-5 stops by
+the momentum rule with the artist at 0.80; at the toy values it is gone after about 630 (SepCE),
+60 (CiE) and 50 (ESD-x) steps).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+#: method -> world name -> Adam learning rate. Worlds not listed use the "sd" (reference) value.
+DEFAULT_LEARNING_RATES: dict[str, dict[str, float]] = {
+    "sepce": {"sd": 0.1, "toy": 1.0},
+    "cie": {"sd": 1e-5, "toy": 1e-4},
+    "esd": {"sd": 1e-5, "toy": 1e-4},
+}
+REFERENCE_WORLD = "sd"
+SEPCE_MODES = ("joint", "sequential")
+ESD_TRAIN_METHODS = {"xattn": "esd_x", "noxattn": "esd_u"}
+
+
+class SettingsError(ValueError):
+    """Settings that cannot give a working run; the message names the setting and the fix."""
+
+
+def default_learning_rate(method: str, world: str) -> float:
+    """The default Adam learning rate of ``method`` ("sepce", "cie" or "esd") for a model of ``world``."""
+    rates = DEFAULT_LEARNING_RATES[method]
+    return rates.get(world, rates[REFERENCE_WORLD])
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What every trainer shares. ``iterations`` is the per-concept step limit; the momentum stop
+    (``alpha``, ``tau`` after ``warmup`` steps) is METHOD.md §1's. ``checkpoint`` (a file path)
+    makes the run resumable: written every ``save_every`` steps, continued when ``resume``."""
+
+    lr: float | None = None
+    iterations: int = 1000
+    batch_size: int = 1
+    seed: int = 0
+    alpha: float = 0.9
+    tau: float = 1e-4
+    warmup: int = 10
+    num_images: int = 100
+    save_every: int = 100
+    checkpoint: Path | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.lr is not None and (not math.isfinite(self.lr) or self.lr <= 0):
+            raise SettingsError(f"lr (--lr) must be a positive finite number, got {self.lr}.")
+        for name in ("iterations", "batch_size", "num_images"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} (--{name}) must be >= 1, got {getattr(self, name)}.")
+        if self.save_every < 0:
+            raise SettingsError(f"save_every (--save_every) must be >= 0 (0: never), got {self.save_every}.")
+        if not math.isfinite(self.alpha) or not 0 <= self.alpha < 1:
+            raise SettingsError(f"alpha (--alpha) must be in [0, 1), got {self.alpha}.")
+        if not math.isfinite(self.tau):
+            raise SettingsError(f"tau (--tau) must be a finite number, got {self.tau}.")
+        if self.resume and self.checkpoint is None:
+            raise SettingsError("resume=True needs a checkpoint path (settings.checkpoint).")
+
+    def with_lr(self, method: str, world: str) -> TrainingSettingsT:
+        """These settings with ``lr`` filled in from the defaults when it is None."""
+        if self.lr is not None:
+            return self  # type: ignore[return-value]
+        return replace(self, lr=default_learning_rate(method, world))  # type: ignore[return-value]
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that decide the result (recorded in outputs, compared on resume)."""
+        settings = asdict(self)
+        for key in ("checkpoint", "resume", "progress", "save_every"):
+            settings.pop(key)
+        return settings
+
+
+TrainingSettingsT = TypeVar("TrainingSettingsT", bound=TrainingSettings)
+
+
+@dataclass(frozen=True)
+class SepCESettings(TrainingSettings):
+    """SepCE (METHOD.md §2): increment scale ``beta``, L1 weight ``lam``, null-space tolerance
+    ``rtol`` and smallest usable null space ``min_dims``; ``mode`` joint or sequential;
+    ``protect_classes`` None = the model world's default (the toy world protects its other classes)."""
+
+    beta: float = 1e-4
+    lam: float = 1e-6
+    rtol: float = 1e-6
+    min_dims: int = 8
+    mode: str = "joint"
+    protect_classes: bool | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mode not in SEPCE_MODES:
+            raise SettingsError(f"mode (--mode) must be one of {SEPCE_MODES}, got {self.mode!r}.")
+        if not math.isfinite(self.beta) or self.beta <= 0:
+            raise SettingsError(f"beta (--beta) must be a positive finite number, got {self.beta}.")
+        if not math.isfinite(self.lam) or self.lam < 0:
+            raise SettingsError(f"lam (--lam) must be a finite number >= 0, got {self.lam}.")
+        if self.min_dims < 1:
+            raise SettingsError(f"min_dims (--min_dims) must be >= 1, got {self.min_dims}.")
+
+
+@dataclass(frozen=True)
+class CiESettings(TrainingSettings):
+    """CiE (METHOD.md §1): every attn2 weight, L1 weight ``lam`` (1e-6 .. 3e-5)."""
+
+    lam: float = 1e-6
+
+    def validate(self) -> None:
+        super().validate()
+        if not math.isfinite(self.lam) or self.lam < 0:
+            raise SettingsError(f"lam (--lam) must be a finite number >= 0, got {self.lam}.")
+
+
+@dataclass(frozen=True)
+class ESDSettings(TrainingSettings):
+    """ESD (METHOD.md §5): ``train_method`` xattn (ESD-x) or noxattn (ESD-u), the partial DDIM
+    sample's ``ddim_steps`` and ``start_guidance``, the target's ``negative_guidance``. ESD has no
+    stop rule: it runs all ``iterations``."""
+
+    train_method: str = "xattn"
+    ddim_steps: int = 50
+    start_guidance: float = 3.0
+    negative_guidance: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.train_method not in ESD_TRAIN_METHODS:
+            raise SettingsError(
+                f"train_method (--train_method) {self.train_method!r} is unknown; use 'xattn' (ESD-x) or 'noxattn' "
+                f"(ESD-u)."
+            )
+        if self.ddim_steps < 1:
+            raise SettingsError(f"ddim_steps (--ddim_steps) must be >= 1, got {self.ddim_steps}.")
+
+    @property
+    def method(self) -> str:
+        """The name results are recorded under: esd_x or esd_u."""
+        return ESD_TRAIN_METHODS[self.train_method]
