@@ -1,6 +1,6 @@
 """How well a toy-world model draws what it is asked: the oracle's accuracy on its samples.
 
-Two measurements (issue 3's quality bar, and the yardstick of every erasure on the toy model):
+Two measurements (the toy model's quality bar, and the yardstick of every erasure on the toy model):
 - per class (blank + 9 artists), N samples of the bare class prompt ("" or the artist's name):
   the fraction the artist oracle assigns to that class;
 - N samples of `a {colour} {object} by {artist}` prompts, cycling through all combinations in a
