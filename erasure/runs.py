@@ -25,12 +25,12 @@ from lightning_fabric import Fabric
 from erasure.edits import Edit
 from erasure.files import check_writable
 from erasure.increments import slugify
-from erasure.loading import load_model
+from erasure.loading import TOY_CONFIG, load_model
 from erasure.settings import CiESettings, ESDSettings, SepCESettings, TrainingSettings
 from erasure.trainers.report import before_after_report, report_paths
 from erasure.trainers.runtime import TrainingSetupError
 from erasure.training import train_cie, train_esd, train_sepce
-from erasure.worlds import world_of
+from erasure.worlds import world_from_config_file
 
 CHECKPOINT_SUFFIX = ".checkpoint.safetensors"
 
@@ -97,8 +97,8 @@ def result_files(request: RunRequest, lr: float) -> tuple[dict[str, Path], Path]
 
 
 def default_lr(request: RunRequest, world: str) -> float:
-    base = "esd" if isinstance(request.settings, ESDSettings) else request.method.split("_")[0]
-    return request.settings.with_lr(base, world).lr
+    """``request.settings.lr``, or its method's default for a model of ``world``."""
+    return request.settings.with_lr(request.settings.method_family, world).lr
 
 
 def prepare_outputs(fabric: Fabric, outputs: Sequence[Path], checkpoint: Path, request: RunRequest) -> None:
@@ -147,13 +147,13 @@ def run_training(fabric: Fabric, request: RunRequest) -> dict[str, Any]:
     started = time.perf_counter()
     request.settings.validate()
     say = print if fabric.global_rank == 0 else (lambda *args, **kwargs: None)
-    model = load_model(request.config_path, request.ckpt_path, use_ema=request.use_ema, verbose=fabric.global_rank == 0)
-    world = world_of(model)
+    world = world_from_config_file(request.config_path or TOY_CONFIG)  # outputs are checked before loading
     lr = default_lr(request, world.name)
     files, stem = result_files(request, lr)
     checkpoint = stem.with_name(stem.name + CHECKPOINT_SUFFIX)
     report = request.report and world.classifier is not None
     prepare_outputs(fabric, [*files.values(), *(report_paths(stem) if report else ())], checkpoint, request)
+    model = load_model(request.config_path, request.ckpt_path, use_ema=request.use_ema, verbose=fabric.global_rank == 0)
     model.to(fabric.device)
     say(f"Training on {fabric.device} in {fabric.world_size} process(es).", flush=True)
     settings = replace(request.settings, lr=lr, checkpoint=checkpoint)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 #: method -> world name -> Adam learning rate. Worlds not listed use the "sd" (reference) value.
 DEFAULT_LEARNING_RATES: dict[str, dict[str, float]] = {
@@ -42,6 +42,9 @@ class TrainingSettings:
     """What every trainer shares. ``iterations`` is the per-concept step limit; the momentum stop
     (``alpha``, ``tau`` after ``warmup`` steps) is METHOD.md §1's. ``checkpoint`` (a file path)
     makes the run resumable: written every ``save_every`` steps, continued when ``resume``."""
+
+    #: The method whose default learning rate ``lr=None`` stands for (a DEFAULT_LEARNING_RATES key).
+    method_family: ClassVar[str] = ""
 
     lr: float | None = None
     iterations: int = 1000
@@ -94,6 +97,8 @@ class SepCESettings(TrainingSettings):
     ``rtol`` and smallest usable null space ``min_dims``; ``mode`` joint or sequential;
     ``protect_classes`` None = the model world's default (the toy world protects its other classes)."""
 
+    method_family: ClassVar[str] = "sepce"
+
     beta: float = 1e-4
     lam: float = 1e-6
     rtol: float = 1e-6
@@ -117,6 +122,8 @@ class SepCESettings(TrainingSettings):
 class CiESettings(TrainingSettings):
     """CiE (METHOD.md §1): every attn2 weight, L1 weight ``lam`` (1e-6 .. 3e-5)."""
 
+    method_family: ClassVar[str] = "cie"
+
     lam: float = 1e-6
 
     def validate(self) -> None:
@@ -130,6 +137,8 @@ class ESDSettings(TrainingSettings):
     """ESD (METHOD.md §5): ``train_method`` xattn (ESD-x) or noxattn (ESD-u), the partial DDIM
     sample's ``ddim_steps`` and ``start_guidance``, the target's ``negative_guidance``. ESD has no
     stop rule: it runs all ``iterations``."""
+
+    method_family: ClassVar[str] = "esd"
 
     train_method: str = "xattn"
     ddim_steps: int = 50
