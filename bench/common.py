@@ -42,6 +42,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from erasure.bases import compute_bases
+from erasure.cli import run_script
+from erasure.errors import ErasureError
 from erasure.loading import TOY_CKPT, TOY_REBUILD_COMMAND, load_model, resolve_device
 from erasure.samplers import latent_shape
 from erasure.toy.training import TextEncoderConfig, write_text_encoder_dir
@@ -51,6 +53,7 @@ from erasure.trainers.cie import CiETrainer
 from erasure.trainers.esd import ESDTrainer
 from erasure.trainers.loop import ConceptTrainer
 from erasure.trainers.sepce import SepCETrainer
+from erasure.tables import markdown_table
 from erasure.training import default_fabric
 from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
@@ -73,7 +76,7 @@ def method_lr(method: str, model_name: str) -> float:
     return default_learning_rate("esd" if method.startswith("esd") else method, "toy" if model_name == "toy" else "sd")
 
 
-class BenchError(RuntimeError):
+class BenchError(ErasureError):
     """A benchmark cannot run as asked; the message says why and what to do."""
 
 
@@ -115,12 +118,9 @@ def setup(args: argparse.Namespace) -> torch.device:
 
 
 def run_main(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
-    """Parse, run, and turn an input error into one message and exit status 2."""
+    """Parse and run through ``erasure.cli.run_script``: an input error is one line and exit status 2."""
     args = parser.parse_args()
-    try:
-        main(args)
-    except (BenchError, ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    run_script(lambda: main(args))
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -400,19 +400,10 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def print_table(title: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
     """A Markdown table of ``rows`` (missing cells blank), under ``title``."""
     print(f"\n{title}")
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(_cell(row.get(column, "")) for column in columns) + " |")
+    print(markdown_table(columns, [[row.get(column, "") for column in columns] for row in rows]))
 
 
 def print_json(bench: str, args: argparse.Namespace, device: torch.device, results: Mapping[str, Any]) -> None:

@@ -49,6 +49,7 @@ from common import (
     setup,
     sized,
 )
+from erasure.evaluation import pixel_change
 from erasure.generation import generate
 from erasure.toy.oracle import ToyOracle, load_oracle
 from erasure.toy.quality import SEED_STRIDE, measure_quality
@@ -111,7 +112,7 @@ def others_change(before: dict[str, float], after: dict[str, float], erased: str
 
 def others_pixel_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], erased: str) -> float:
     """Mean absolute pixel change of the other classes' samples (same seeds), pixels in [0, 1]."""
-    return statistics.mean(float((after[name] - before[name]).abs().mean()) for name in CLASS_NAMES if name != erased)
+    return statistics.mean(pixel_change(before[name], after[name])[0] for name in CLASS_NAMES if name != erased)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -36,6 +36,7 @@ _API: dict[str, str] = {
     "evaluate": "erasure.evaluation",
     "world_of": "erasure.worlds",
     "verify": "erasure.increments",
+    "ErasureError": "erasure.errors",
 }
 
 __all__ = sorted(_API)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from erasure.errors import CapacityError
 from erasure.files import read_tensors, versions, write_tensors
 from erasure.loading import text_encoder_fingerprint
 
@@ -33,10 +34,6 @@ DEFAULT_RTOL = 1e-6
 #: Fewer null-space directions than this leave an increment too little room to move a concept.
 DEFAULT_MIN_DIMS = 8
 BASIS_KIND = "basis"
-
-
-class CapacityError(ValueError):
-    """The protected prompts leave (almost) no null space at this text width."""
 
 
 @dataclass

@@ -35,6 +35,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from erasure.errors import ImageDataError
 from erasure.files import (
     ErasureFileError,
     read_tensors,
@@ -42,6 +43,7 @@ from erasure.files import (
     write_json,
     write_tensors,
 )
+from erasure.tables import LEFT, RIGHT, markdown_table
 
 CLASSIFIER_KIND = "image-classifier"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -49,10 +51,6 @@ SPLITS = ("train", "eval")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TRAIN_HINT = "train one with `python train-scripts/artist-cls-train.py`"
-
-
-class ImageDataError(ValueError):
-    """An image folder that cannot be used as it is; the message names the folder and the fix."""
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -508,11 +506,10 @@ def evaluate_classifier(classifier: ImageClassifier, images: LabelledImages, bat
 
 def accuracy_table(result: dict[str, Any]) -> str:
     """Markdown table of ``evaluate_classifier``'s per-class accuracies, with the overall row."""
-    lines = ["| class | name | images | accuracy (%) |", "|---:|:---|---:|---:|"]
-    for name, row in result["per_class"].items():
-        lines.append(f"| {row['class_index']} | {name or '(blank)'} | {row['images']} | {100 * row['accuracy']:.1f} |")
-    lines.append(f"| all | | {result['images']} | {100 * result['accuracy']:.1f} |")
-    return "\n".join(lines)
+    rows = [[row["class_index"], name or "(blank)", row["images"], f"{100 * row['accuracy']:.1f}"]
+            for name, row in result["per_class"].items()]
+    rows.append(["all", "", result["images"], f"{100 * result['accuracy']:.1f}"])
+    return markdown_table(["class", "name", "images", "accuracy (%)"], rows, [RIGHT, LEFT, RIGHT, RIGHT])
 
 
 def save_classifier(

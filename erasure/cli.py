@@ -1,10 +1,9 @@
 """Command-line flags, in one place: they map onto the API's arguments and settings, nothing more.
 
 Every script in train-scripts/, eval-scripts/ and bench/ builds its parser from these groups and
-runs its ``main`` through ``run_script``: every error class of the project that describes bad
-input (a wrong path, a file made for another model, an unknown concept, ...) subclasses
-ValueError (a missing or existing file raises FileNotFoundError / FileExistsError), and
-``run_script`` turns them into ``error: <message>`` on stderr and exit status 1.
+runs its ``main`` through ``run_script``: the project's input errors (``erasure.errors``, all
+ValueErrors) and missing or existing files (FileNotFoundError / FileExistsError) become
+``error: <message>`` on stderr and exit status 2, the status argparse gives bad flags.
 ``ERASURE_TRACEBACK=1`` shows the traceback.
 """
 
@@ -30,14 +29,18 @@ from erasure.worlds import world_from_config
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
 
 
+EXIT_BAD_INPUT = 2
+
+
 def run_script(main: Callable[[], object]) -> None:
-    """Call a script's ``main()``; bad input exits with one clear line."""
+    """Call a script's ``main()``; bad input exits with one clear line (status 2)."""
     try:
         main()
     except USER_ERRORS as error:
         if os.environ.get("ERASURE_TRACEBACK") == "1":
             raise
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 # ---------------------------------------------------------------------------------- model

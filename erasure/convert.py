@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from erasure.edits import Edit, apply
+from erasure.errors import ExportError
 from erasure.files import atomic_directory, versions, write_json
 from erasure.increments import INCREMENT_KIND, Increment
 from erasure.loading import model_fingerprint
@@ -52,10 +53,6 @@ PROVENANCE_NAME = "erasure_provenance.json"
 PROVENANCE_VERSION = "1"
 #: Suffixes that mark an output path as a file name; the export always writes a folder.
 FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
-
-
-class ExportError(ValueError):
-    """A model that cannot be exported as asked; the message says what to do instead."""
 
 
 def _model_config(model: nn.Module) -> DictConfig:

@@ -13,14 +13,22 @@ disk) and a user-trained classifier on SD images.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from erasure.classifier import ImageClassifier, unit_float
-from erasure.metrics import ConceptEvaluator, ConceptMetrics, MetricsError, resolve_fid_features, resolve_lpips
+from erasure.metrics import (
+    ConceptEvaluator,
+    ConceptMetrics,
+    MetricsError,
+    NudeNetCounter,
+    resolve_fid_features,
+    resolve_lpips,
+)
 from erasure.worlds import World
 
-METRICS = ("acc", "fid", "lpips", "pixel")
+METRICS = ("acc", "fid", "lpips", "nudenet", "pixel")
 DEFAULT_METRICS = ("acc", "pixel")
 
 
@@ -29,25 +37,38 @@ def make_evaluator(
     *,
     world: World | None = None,
     classifier: ImageClassifier | None = None,
+    fid_features: str = "auto",
+    lpips_net: str = "auto",
+    inception_weights: str | Path | None = None,
+    alexnet_weights: str | Path | None = None,
+    nudenet_threshold: float = 0.6,
+    batch_size: int = 32,
     device: torch.device | str = "cpu",
 ) -> ConceptEvaluator:
-    """A ``ConceptEvaluator`` for ``metrics`` (reuse it across concepts: it loads its networks once)."""
+    """A ``ConceptEvaluator`` for ``metrics`` (reuse it across concepts: it loads its networks once).
+
+    ``classifier`` defaults to the world's (``acc``); ``fid_features`` / ``lpips_net`` choose the
+    feature networks as ``erasure.metrics`` describes (``auto``: Inception / AlexNet when their
+    weights are on disk, else the world's features).
+    """
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise MetricsError(f"Unknown metrics {unknown}; choose from {', '.join(METRICS)}.")
     device = torch.device(device)
-    if "acc" in metrics and classifier is None:
+    if classifier is None and ("acc" in metrics or ("fid" in metrics and fid_features == "classifier")):
         classifier = world.load_classifier(device) if world is not None and world.classifier else None
-        if classifier is None:
+        if classifier is None and "acc" in metrics:
             where = f"the {world.name} world has no default classifier" if world else "no world was given"
             raise MetricsError(
-                f"ACC needs a classifier and {where}; pass classifier= (train one with "
-                f"train-scripts/artist-cls-train.py) or leave 'acc' out of metrics."
+                f"ACC needs a classifier and {where}; pass a classifier (train one with "
+                f"train-scripts/artist-cls-train.py) or leave 'acc' out of the metrics."
             )
     return ConceptEvaluator(
-        fid=resolve_fid_features("auto", world, classifier) if "fid" in metrics else None,
-        lpips=resolve_lpips("auto", world) if "lpips" in metrics else None,
+        fid=resolve_fid_features(fid_features, world, classifier, inception_weights) if "fid" in metrics else None,
+        lpips=resolve_lpips(lpips_net, world, alexnet_weights) if "lpips" in metrics else None,
         classifier=classifier if "acc" in metrics else None,
+        nudenet=NudeNetCounter(nudenet_threshold) if "nudenet" in metrics else None,
+        batch_size=batch_size,
         device=device,
     )
 

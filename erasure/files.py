@@ -27,14 +27,12 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from erasure.errors import ErasureFileError
+
 FORMAT_VERSION = "1"
 KIND_KEY = "kind"
 FORMAT_KEY = "format_version"
 JSON_KEY = "json"
-
-
-class ErasureFileError(ValueError):
-    """A file that cannot be written or read as the requested kind; the message says the fix."""
 
 
 def versions() -> dict[str, str]:

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from erasure.errors import GenerationError
 from erasure.files import atomic_path, write_json
 from erasure.loading import model_fingerprint, resolve_device
 from erasure.prompts import PromptRow
@@ -45,10 +46,6 @@ IMAGE_PATTERN = "{index:05d}.png"
 #: ``{case_number}_{k}.png`` (prompt files) and ``{index:05d}.png`` (one prompt's numbered images).
 IMAGE_NAME = re.compile(r"^\d+(_\d+)?\.png$")
 TORCHRUN_VARIABLES = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE")
-
-
-class GenerationError(ValueError):
-    """Options or an output folder that would give wrong or mixed images; the message names the fix."""
 
 
 def _check_prompts_and_seeds(prompts: Sequence[str], seeds: Sequence[int]) -> None:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from erasure.errors import GridError
+
 GRID_PADDING = 2
 #: Small images are upscaled (nearest neighbour, integer factor) to at least this height, so
 #: that a label line is small beside them and toy images (32 px) stay readable.
@@ -31,10 +33,6 @@ FONT_FRACTION = 8
 LABEL_MARGIN = 4
 #: Images may stray this far outside [0, 1] (float rounding of decoders) before they are refused.
 RANGE_TOLERANCE = 1e-4
-
-
-class GridError(ValueError):
-    """Rows or labels that do not make a grid; the message says what to pass instead."""
 
 
 def _check_rows(rows: Sequence[torch.Tensor]) -> tuple[int, int, int]:

@@ -34,6 +34,7 @@ from erasure.bases import (
     encode_prompts,
     normalise_prompt,
 )
+from erasure.errors import IncrementError
 from erasure.files import (
     check_writable,
     read_tensors,
@@ -48,10 +49,6 @@ INCREMENT_KIND = "increment"
 CHECKPOINT_KIND = "ldm_checkpoint"
 KV_LAYER_SUFFIXES = (".attn2.to_k", ".attn2.to_v")
 COEFF_PREFIX = "coeff."
-
-
-class IncrementError(ValueError):
-    """An increment that does not fit the model or the request; the message says the fix."""
 
 
 def slugify(concept: str) -> str:

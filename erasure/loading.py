@@ -24,6 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
+from erasure.errors import ModelLoadError
 from erasure.resources import require_toy_file, resource_root, toy_config_path, toy_model_dir
 from ldm.util import instantiate_from_config
 
@@ -67,10 +68,6 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 #: Above this share of broken required weights the file is for another architecture.
 ARCHITECTURE_MISMATCH_SHARE = 0.25
 KEYS_SHOWN = 5
-
-
-class ModelLoadError(ValueError):
-    """A config or checkpoint that cannot give a working model; the message says how to fix it."""
 
 
 def resolve_device(device: str) -> torch.device:

@@ -47,6 +47,8 @@ from erasure.classifier import (
     resize_square,
     unit_float,
 )
+from erasure.errors import MetricsError
+from erasure.tables import LEFT, RIGHT, markdown_table
 from erasure.worlds import World
 
 FID_FEATURES = ("auto", "inception", "world", "classifier")
@@ -64,10 +66,6 @@ NUDENET_EXPOSED = (
     "ARMPITS_EXPOSED",
     "FEET_EXPOSED",
 )
-
-
-class MetricsError(ValueError):
-    """Metrics that cannot be computed as asked; the message says what to pass instead."""
 
 
 @contextmanager
@@ -446,13 +444,6 @@ class ConceptEvaluator:
             result.nudenet_original = self.nudenet.count(original)
         return result
 
-    def evaluate_folders(
-        self, concept: str, original_dir: str | Path, erased_dir: str | Path, class_index: int | None = None
-    ) -> ConceptMetrics:
-        """``evaluate`` on the same-named images of two folders."""
-        original_paths, erased_paths = paired_image_paths(original_dir, erased_dir)
-        return self.evaluate(concept, read_images(original_paths), read_images(erased_paths), class_index)
-
 
 def _columns(results: Sequence[ConceptMetrics]) -> list[tuple[str, str]]:
     """(CSV column, Markdown header) for the metrics present in ``results``."""
@@ -467,6 +458,8 @@ def _columns(results: Sequence[ConceptMetrics]) -> list[tuple[str, str]]:
     columns += [("lpips", "LPIPS")] if present("lpips") else []
     if present("nudenet_erased"):
         columns += [("nudenet_erased", "NudeNet exposed"), ("nudenet_original", "NudeNet exposed original")]
+    if present("pixel_change_mean"):
+        columns += [("pixel_change_mean", "pixel change mean"), ("pixel_change_max", "pixel change max")]
     return columns
 
 
@@ -479,6 +472,8 @@ def _cell(key: str, value: Any, markdown: bool) -> str:
         return f"{100 * value:.1f}" if markdown else f"{value:.4f}"
     if key in ("fid", "lpips"):
         return f"{value:.3f}" if markdown else f"{value:.6g}"
+    if key.startswith("pixel_change"):
+        return f"{value:.3g}" if markdown else f"{value:.6g}"
     return str(value)
 
 
@@ -501,12 +496,9 @@ def results_csv(results: Sequence[ConceptMetrics]) -> str:
 def results_markdown(results: Sequence[ConceptMetrics], extractors: dict[str, str]) -> str:
     """Markdown table (ACC in %), followed by what each metric was computed with."""
     columns = _columns(results)
-    lines = ["| " + " | ".join(header for _, header in columns) + " |"]
-    lines.append("|" + "|".join(":---" if key == "concept" else "---:" for key, _ in columns) + "|")
-    for row in results:
-        cells = [_cell(key, getattr(row, key), markdown=True) or "-" for key, _ in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+    rows = [[_cell(key, getattr(row, key), markdown=True) or "-" for key, _ in columns] for row in results]
+    align = [LEFT if key == "concept" else RIGHT for key, _ in columns]
+    lines = [markdown_table([header for _, header in columns], rows, align), ""]
     lines += [f"- {metric.upper()}: {name}" for metric, name in extractors.items()]
     return "\n".join(lines) + "\n"
 

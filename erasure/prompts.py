@@ -20,14 +20,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from erasure.errors import PromptFileError
+
 REQUIRED_COLUMNS: tuple[str, ...] = ("prompt", "evaluation_seed", "case_number")
 I2P_COLUMNS: tuple[str, ...] = (*REQUIRED_COLUMNS, "nudity_percentage", "categories")
 #: Seeds go to torch.Generator.manual_seed (64-bit); case numbers share the bound.
 MAX_INTEGER = 2**63 - 1
-
-
-class PromptFileError(ValueError):
-    """A prompt CSV that cannot be used; the message names the file, the row and the fix."""
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from erasure.errors import ToyFilesMissingError
+
 TOY_CONFIG_RELATIVE = Path("configs", "toy", "toy-ldm.yaml")
 TOY_MODEL_RELATIVE = Path("models", "toy")
 #: Where setup.py puts configs/toy/ and models/toy/ in a non-editable install.
 PACKAGED_ROOT = Path(__file__).resolve().parent / "_resources"
 _CHECKOUT_ROOT = Path(__file__).resolve().parent.parent
-
-
-class ToyFilesMissingError(FileNotFoundError):
-    """A file of the embedded toy model is absent; the message says how to get it back."""
 
 
 def source_root() -> Path | None:

@@ -24,9 +24,7 @@ from torch import nn
 
 from ldm.models.diffusion.ddim import DDIMSampler
 
-
-class SamplingError(ValueError):
-    """Sampler settings that cannot make images; the message names the setting and the fix."""
+from erasure.errors import SamplingError
 
 
 @dataclass(frozen=True)

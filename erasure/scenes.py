@@ -30,10 +30,13 @@ from torch import nn
 
 from erasure.bases import normalise_prompt
 from erasure.edits import apply, remove
+from erasure.errors import SceneError
 from erasure.increments import Increment
 from erasure.loading import model_fingerprint
+from erasure.evaluation import evaluate
 from erasure.metrics import ConceptEvaluator, ConceptMetrics
 from erasure.grids import labelled_grid
+from erasure.tables import LEFT, RIGHT, markdown_table
 from erasure.weight_differences import (
     WeightDifference,
     apply_weight_difference,
@@ -43,15 +46,13 @@ from erasure.weight_differences import (
 
 ERASED, RESTORED, REGULAR = "erased", "restored", "regular"
 ROLES = (ERASED, RESTORED, REGULAR)
+#: What a scene measures per class and step (METHOD.md §4, as the paper's Table 2).
+SCENE_METRICS = ("acc", "fid", "lpips")
 #: The paper's nine artists in METHOD.md §4's concept order c0..c8 (not the classifier's class order).
 SD_SCENE_ARTISTS: tuple[str, ...] = (
     "Cezanne", "Van Gogh", "Picasso", "Jackson Pollock", "Caravaggio", "Keith Haring", "Kelly McKernan",
     "Tyler Edlin", "Kilian Eng",
 )
-
-
-class SceneError(ValueError):
-    """A timeline, concept list or set of edits that cannot make a scene; the message says the fix."""
 
 
 @dataclass(frozen=True)
@@ -339,7 +340,8 @@ def run_scene(
             for evaluated in classes:
                 images = to_uint8(sample(evaluated.prompt))
                 result.images[state.step.label][evaluated.name] = images
-                metrics = evaluator.evaluate(evaluated.name, originals[evaluated.name], images, evaluated.class_index)
+                metrics = evaluate(originals[evaluated.name], images, concept=evaluated.name,
+                                   class_index=evaluated.class_index, metrics=SCENE_METRICS, evaluator=evaluator)
                 result.rows.append(SceneRow(state.step.label, state.roles.get(evaluated.prompt, REGULAR), metrics))
     return result
 
@@ -372,14 +374,14 @@ def scene_markdown(result: SceneResult, extractors: Mapping[str, str]) -> str:
     lines = [f"## {result.timeline.name}", ""]
     for step in result.timeline.steps:
         lines += [f"### {step.label}: {step.describe(result.concepts)}", ""]
-        lines += ["| concept | role | FID | ACC (%) | ACC original (%) | LPIPS |", "|:---|:---|---:|---:|---:|---:|"]
+        rows = []
         for row in (row for row in result.rows if row.step == step.label):
             m = row.metrics
             acc = "-" if m.acc is None else f"{100 * m.acc:.1f}"
             original = "-" if m.acc_original is None else f"{100 * m.acc_original:.1f}"
-            cells = [m.concept, row.role, _number(m.fid, ".3f") or "-", acc, original, _number(m.lpips, ".3f") or "-"]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+            rows.append([m.concept, row.role, _number(m.fid, ".3f") or "-", acc, original, _number(m.lpips, ".3f") or "-"])
+        headers = ["concept", "role", "FID", "ACC (%)", "ACC original (%)", "LPIPS"]
+        lines += [markdown_table(headers, rows, [LEFT, LEFT, RIGHT, RIGHT, RIGHT, RIGHT]), ""]
     lines += [f"- {metric.upper()}: {name}" for metric, name in extractors.items()]
     return "\n".join(lines) + "\n"
 

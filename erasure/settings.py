@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from erasure.errors import SettingsError
+
 #: method -> world name -> Adam learning rate. Worlds not listed use the "sd" (reference) value.
 DEFAULT_LEARNING_RATES: dict[str, dict[str, float]] = {
     "sepce": {"sd": 0.1, "toy": 1.0},
@@ -25,10 +27,6 @@ DEFAULT_LEARNING_RATES: dict[str, dict[str, float]] = {
 REFERENCE_WORLD = "sd"
 SEPCE_MODES = ("joint", "sequential")
 ESD_TRAIN_METHODS = {"xattn": "esd_x", "noxattn": "esd_u"}
-
-
-class SettingsError(ValueError):
-    """Settings that cannot give a working run; the message names the setting and the fix."""
 
 
 def default_learning_rate(method: str, world: str) -> float:

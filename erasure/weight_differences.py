@@ -20,16 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from erasure.errors import WeightDifferenceError
 from erasure.files import read_tensors, versions, write_tensors
 from erasure.loading import model_fingerprint
 from ldm.modules.incremental_linear import incremental_linears
 
 WEIGHT_DIFFERENCE_KIND = "weight_difference"
 DELTA_PREFIX = "delta."
-
-
-class WeightDifferenceError(ValueError):
-    """A weight difference that does not fit the model; the message says the fix."""
 
 
 @dataclass

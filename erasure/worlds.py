@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from erasure.classifier import ARCHITECTURES, ImageClassifier
+from erasure.errors import WorldError
 
 WORLD_KEY = "world"
 BLANK_NAME = "blank"
@@ -45,10 +46,6 @@ SD_ARTISTS: tuple[str, ...] = (
 REQUIRED_KEYS = ("name", "class_prompts")
 DOTTED_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 EXAMPLE = "see the `world:` entry of configs/toy/toy-ldm.yaml"
-
-
-class WorldError(ValueError):
-    """An unknown class, or a world that cannot be read or used; the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)

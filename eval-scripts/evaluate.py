@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from erasure.classifier import ImageClassifier, load_classifier
+from erasure.classifier import ImageClassifier, load_classifier, read_images
 from erasure.cli import run_script
-from erasure.files import atomic_path, check_writable
+from erasure.evaluation import METRICS, evaluate, make_evaluator
+from erasure.files import check_writable, write_text
 from erasure.generation import RECORD_FILE
 from erasure.loading import resolve_device
 from erasure.metrics import (
@@ -39,17 +40,12 @@ from erasure.metrics import (
     LPIPS_NETS,
     ConceptEvaluator,
     MetricsError,
-    NudeNetCounter,
     paired_image_paths,
-    resolve_fid_features,
-    resolve_lpips,
     results_csv,
     results_markdown,
     results_record,
 )
 from erasure.worlds import SD_WORLD, World, world_from_config_file
-
-METRICS = ("fid", "lpips", "acc", "nudenet")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the model config whose `world:` the images belong to (default: the one recorded in "
                              f"the folders' {RECORD_FILE}; none recorded: Stable Diffusion's world)")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=None,
-                        help="default: fid lpips, and acc when there is a classifier (--classifier or the world's)")
+                        help="default: fid lpips, and acc when there is a classifier (--classifier or the world's); pixel: mean and "
+                             "largest absolute pixel change of same-seed pairs")
     parser.add_argument("--fid_features", choices=FID_FEATURES, default="auto", help="default: auto")
     parser.add_argument("--inception_weights", type=Path, default=None, help="torch-fidelity Inception weights file")
     parser.add_argument("--lpips", dest="lpips_net", choices=LPIPS_NETS, default="auto", help="default: auto")
@@ -176,31 +173,24 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = set(args.metrics or (["fid", "lpips"] + (["acc"] if has_classifier else [])))
     device = resolve_device(args.device)
     classifier, classifier_source = acc_classifier(args, world, metrics, device)
-    fid, lpips = None, None
-    if "fid" in metrics:
-        fid = resolve_fid_features(args.fid_features, world, classifier, args.inception_weights)
-    if "lpips" in metrics:
-        lpips = resolve_lpips(args.lpips_net, world, args.alexnet_weights)
-    evaluator = ConceptEvaluator(
-        fid=fid,
-        lpips=lpips,
-        classifier=classifier if "acc" in metrics else None,
-        nudenet=NudeNetCounter(args.nudenet_threshold) if "nudenet" in metrics else None,
-        batch_size=args.batch_size,
-        device=device,
+    evaluator = make_evaluator(
+        list(metrics), world=world, classifier=classifier, fid_features=args.fid_features, lpips_net=args.lpips_net,
+        inception_weights=args.inception_weights, alexnet_weights=args.alexnet_weights,
+        nudenet_threshold=args.nudenet_threshold, batch_size=args.batch_size, device=device,
     )
-    class_indices = [concept_class(evaluator, entry) for entry in concepts]
-    results = [
-        evaluator.evaluate_folders(entry["concept"], entry["original"], entry["erased"], class_index)
-        for entry, class_index in zip(concepts, class_indices)
-    ]
+    results = []
+    for entry in concepts:
+        original_paths, erased_paths = paired_image_paths(entry["original"], entry["erased"])
+        results.append(evaluate(
+            read_images(original_paths), read_images(erased_paths), concept=entry["concept"],
+            class_index=concept_class(evaluator, entry), metrics=list(metrics), evaluator=evaluator,
+        ))
     extractors = evaluator.extractors()
     if evaluator.classifier is not None:
         extractors["acc"] += f" from {classifier_source}"
     table = results_markdown(results, extractors)
     for path, text in zip(outputs, (results_csv(results), table)):
-        with atomic_path(path) as temporary:
-            temporary.write_text(text, encoding="utf-8")
+        write_text(text, path)
     print(table)
     summary = {
         **results_record(results, extractors),

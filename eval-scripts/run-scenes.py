@@ -52,10 +52,12 @@ from erasure.files import check_writable, write_json, write_text
 from erasure.generation import generate, generate_concept_images, save_png
 from erasure.increments import Increment, slugify, verify
 from erasure.loading import model_fingerprint
-from erasure.metrics import FID_FEATURES, LPIPS_NETS, ConceptEvaluator, resolve_fid_features, resolve_lpips
+from erasure.evaluation import make_evaluator
+from erasure.metrics import FID_FEATURES, LPIPS_NETS
 from erasure.runs import CHECKPOINT_SUFFIX, RunRequest, default_lr, result_files
 from erasure.samplers import SamplingSettings, sampling_settings
 from erasure.scenes import (
+    SCENE_METRICS,
     SCENES,
     SD_SCENE_ARTISTS,
     EvaluatedClass,
@@ -278,10 +280,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trained = time.perf_counter()
     separability = verify(model, list(edits.values())) if args.method == "sepce" else None
     originals = original_images(args, model, classes, settings)
-    evaluator = ConceptEvaluator(
-        fid=resolve_fid_features(args.fid_features, world, classifier, args.inception_weights),
-        lpips=resolve_lpips(args.lpips_net, world, args.alexnet_weights),
-        classifier=classifier, batch_size=args.batch_size, device=device,
+    evaluator = make_evaluator(
+        SCENE_METRICS, world=world, classifier=classifier, fid_features=args.fid_features, lpips_net=args.lpips_net,
+        inception_weights=args.inception_weights, alexnet_weights=args.alexnet_weights, batch_size=args.batch_size,
+        device=device,
     )
     extractors = evaluator.extractors()
     extractors["acc"] += f" from {args.classifier or f'the {world.name} world classifier'}"

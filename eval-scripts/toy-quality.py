@@ -26,14 +26,14 @@ from torch import nn
 from erasure.cli import add_model_arguments, load_model_from_args, run_script
 from erasure.edits import apply, load_edit
 from erasure.generation import generate, save_png
-from erasure.grids import image_grid
+from erasure.grids import labelled_grid
 from erasure.toy.oracle import load_oracle
 from erasure.toy.quality import (
     QualityReport,
     comparison_table,
-    markdown_table,
     max_pixel_changes,
     measure_quality,
+    quality_table,
 )
 from erasure.toy.world import CLASS_NAMES, class_prompt
 
@@ -79,11 +79,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print(comparison_table(before, report, changes, args.num_samples))
         result.update(before=before.as_json(), max_abs_pixel_change=changes)
     else:
-        print(markdown_table(report, args.num_samples))
+        print(quality_table(report, args.num_samples))
     if args.grid:
         seeds = [args.seed + i for i in range(args.grid_columns)]
         rows = [generate(model, [class_prompt(c)] * args.grid_columns, seeds) for c in range(len(CLASS_NAMES))]
-        print(f"grid: {save_png(image_grid(rows), args.grid)}")
+        print(f"grid: {save_png(labelled_grid(rows, CLASS_NAMES), args.grid)}")
     print(f"{args.num_samples} samples per class, {time.time() - started:.1f} s")
     print(json.dumps(result))
     return result

@@ -286,7 +286,7 @@ def script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """run-scenes.py with an 8-d FID feature extractor: FID on the oracle's 1024-d features takes a
     second per call here (metrics are tested in test_metrics.py)."""
     module = load_script("eval-scripts", "run-scenes")
-    monkeypatch.setattr(module, "resolve_fid_features", lambda *args: FidFeatures(PooledColour.name, PooledColour()))
+    monkeypatch.setattr("erasure.evaluation.resolve_fid_features", lambda *args: FidFeatures(PooledColour.name, PooledColour()))
     return module
 
 

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from erasure.evaluation import pixel_change
 from erasure.generation import generate
+from erasure.tables import markdown_table
 from erasure.toy.oracle import ToyOracle
 from erasure.toy.world import ARTISTS, CLASS_NAMES, COLOURS, OBJECTS, class_prompt
 
@@ -92,29 +94,28 @@ def measure_quality(
     )
 
 
-def markdown_table(report: QualityReport, num_samples: int) -> str:
+def quality_table(report: QualityReport, num_samples: int) -> str:
     """Per-class table of a QualityReport, as in the README."""
-    lines = [f"| class | prompt | artist accuracy (N={num_samples}) |", "|---|---|---|"]
-    for class_id, name in enumerate(CLASS_NAMES):
-        lines.append(f"| {class_id} {name} | `{class_prompt(class_id)!r}` | {report.artist[name]:.2f} |")
-    lines.append(f"| - | `a {{colour}} {{object}} by {{artist}}` | object {report.object:.2f}, colour {report.colour:.2f}, "
-                 f"artist {report.attribute_artist:.2f} |")
-    return "\n".join(lines)
+    rows = [[f"{class_id} {name}", f"`{class_prompt(class_id)!r}`", f"{report.artist[name]:.2f}"]
+            for class_id, name in enumerate(CLASS_NAMES)]
+    rows.append(["-", "`a {colour} {object} by {artist}`", f"object {report.object:.2f}, colour {report.colour:.2f}, "
+                 f"artist {report.attribute_artist:.2f}"])
+    return markdown_table(["class", "prompt", f"artist accuracy (N={num_samples})"], rows)
 
 
 def max_pixel_changes(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
     """Per class (and ATTRIBUTES): the largest absolute pixel difference (images in [0, 1]) between
-    two models' samples of the same prompts and seeds."""
-    return {name: float((after[name] - before[name]).abs().max()) for name in before}
+    two models' samples of the same prompts and seeds (``erasure.evaluation.pixel_change``)."""
+    return {name: pixel_change(before[name], after[name])[1] for name in before}
 
 
 def comparison_table(before: QualityReport, after: QualityReport, changes: dict[str, float], num_samples: int) -> str:
     """Per-class accuracy of a model before and after an edit, the change, and the largest pixel change."""
-    lines = [f"| class | accuracy before (N={num_samples}) | after | change | max abs pixel change |",
-             "|---|---|---|---|---|"]
+    rows = []
     for class_id, name in enumerate(CLASS_NAMES):
         old, new = before.artist[name], after.artist[name]
-        lines.append(f"| {class_id} {name} | {old:.2f} | {new:.2f} | {new - old:+.2f} | {changes[name]:.2g} |")
-    lines.append(f"| `a {{colour}} {{object}} by {{artist}}` | object {before.object:.2f}, colour {before.colour:.2f} | "
-                 f"object {after.object:.2f}, colour {after.colour:.2f} | | {changes[ATTRIBUTES]:.2g} |")
-    return "\n".join(lines)
+        rows.append([f"{class_id} {name}", f"{old:.2f}", f"{new:.2f}", f"{new - old:+.2f}", f"{changes[name]:.2g}"])
+    rows.append(["`a {colour} {object} by {artist}`", f"object {before.object:.2f}, colour {before.colour:.2f}",
+                 f"object {after.object:.2f}, colour {after.colour:.2f}", "", f"{changes[ATTRIBUTES]:.2g}"])
+    headers = ["class", f"accuracy before (N={num_samples})", "after", "change", "max abs pixel change"]
+    return markdown_table(headers, rows)

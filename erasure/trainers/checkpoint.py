@@ -15,15 +15,12 @@ from typing import Any
 
 import torch
 
+from erasure.errors import CheckpointError
 from erasure.files import read_tensors, write_tensors
 
 CHECKPOINT_KIND = "training_checkpoint"
 PARAM_PREFIX = "param."
 OPTIMIZER_PREFIX = "optimizer."
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not belong to this run or cannot be read; the message says the fix."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from erasure.classifier import list_images, read_images, unit_float
+from erasure.errors import TrainingDataError
 from erasure.generation import generate_concept_images
 from erasure.increments import slugify
 from erasure.loading import model_fingerprint
@@ -26,10 +27,6 @@ GENERATED_ROOT = (source_root() or Path.cwd()) / "data" / "generated"
 ENCODE_BATCH = 16
 #: First seed of generated training images (image i from seed i).
 IMAGE_SEED = 0
-
-
-class TrainingDataError(ValueError):
-    """Training images that are missing, unreadable or inconsistent; the message names the fix."""
 
 
 def concept_folder(data_dir: str | Path, concept: str) -> Path:

@@ -21,6 +21,7 @@ from lightning_fabric import Fabric
 from torch import nn
 from tqdm import tqdm
 
+from erasure.errors import NonFiniteLossError
 from erasure.increments import slugify
 from erasure.losses import MomentumStopper
 from erasure.settings import TrainingSettings
@@ -33,10 +34,6 @@ from erasure.trainers.runtime import (
     step_generator,
 )
 from ldm.models.diffusion.ddim import DDIMSampler
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/inf; training stopped and the last good checkpoint was kept."""
 
 
 @dataclass

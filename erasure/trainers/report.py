@@ -71,4 +71,4 @@ def before_after_report(
     record: dict[str, Any] = {"samples_per_class": samples_per_class, "seeds": seeds, "classes": table,
                               "grid": str(grid_path)}
     write_json(record, table_path)
-    return markdown_table(COLUMNS, table, HEADERS)
+    return markdown_table(HEADERS, [[row[column] for column in COLUMNS] for row in table])

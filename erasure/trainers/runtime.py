@@ -19,16 +19,14 @@ import torch
 from lightning_fabric import Fabric
 from torch import nn
 
+from erasure.errors import TrainingSetupError
+
 #: Strategies under which every process holds the whole model (the gradients are averaged here).
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 #: Gradients are all-reduced in flat buckets of at most this many elements.
 BUCKET_ELEMENTS = 2**24
-
-
-class TrainingSetupError(ValueError):
-    """Options that cannot give a working training run; the message names the fix."""
 
 
 @dataclass(frozen=True)
