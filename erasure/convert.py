@@ -11,7 +11,6 @@ dicts must load strictly into the diffusers models, or the export stops.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -33,7 +32,7 @@ from torch import nn
 
 from erasure.edits import Edit, apply
 from erasure.errors import ExportError
-from erasure.files import atomic_directory, versions, write_json
+from erasure.files import atomic_directory, file_sha256, versions, write_json
 from erasure.increments import INCREMENT_KIND, Increment
 from erasure.loading import model_fingerprint
 from erasure.weight_differences import WEIGHT_DIFFERENCE_KIND, WeightDifference
@@ -231,11 +230,10 @@ def _edit_record(edit: Edit) -> dict[str, Any]:
     """What the provenance says about one applied edit: its file (path and sha256), what it
     erases, and the fingerprints and metadata recorded in its own header."""
     source = None if edit.source is None else Path(edit.source).resolve()
-    digest = None
-    if source is not None:
-        with source.open("rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    record: dict[str, Any] = {"path": None if source is None else str(source), "sha256": digest}
+    record: dict[str, Any] = {
+        "path": None if source is None else str(source),
+        "sha256": None if source is None else file_sha256(source),
+    }
     if isinstance(edit, Increment):
         return {
             **record,

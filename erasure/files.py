@@ -11,6 +11,7 @@ the same promise from ``atomic_directory``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -118,6 +119,12 @@ def _replace_directory(staging: Path, path: Path) -> None:
         if not aside.exists():  # the old folder is back under ``path``: only an empty folder is left
             shutil.rmtree(aside_parent, ignore_errors=True)
     shutil.rmtree(aside_parent, ignore_errors=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read in blocks: provenance records name files by it."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_text(text: str, path: str | Path) -> Path:

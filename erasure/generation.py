@@ -17,7 +17,6 @@ settings is refused unless the caller clears the folder first (``remove_images``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -112,7 +111,8 @@ def generate(
         return latents.new_empty(0, 3, 0, 0)
     images = torch.cat(decoded).float()
     if not torch.isfinite(images).all():
-        bad = sorted({prompts[int(row)] for row in torch.nonzero(~torch.isfinite(images).flatten(1).all(1)).flatten()})
+        finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
+        bad = sorted({prompt for prompt, ok in zip(prompts, finite) if not ok})
         raise GenerationError(
             f"The model produced non-finite pixels for prompts {bad[:3]}; an applied edit has NaN/inf weights or the "
             f"model diverged. Check the applied files."
@@ -216,14 +216,6 @@ def sampling_image_size(model: nn.Module, image_size: int | None) -> Iterator[in
         yield image_size
     finally:
         model.image_size = original
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def remove_images(folder: Path, record_names: Sequence[str]) -> int:

@@ -131,11 +131,6 @@ def _train(model: Any, request: RunRequest, settings: TrainingSettings, fabric: 
     return [train_esd(model, request.concepts[0], settings=settings, fabric=fabric)]
 
 
-def _summary(edits: Sequence[Edit]) -> dict[str, Any]:
-    """The run's summary as the trainer recorded it in every result's metadata."""
-    return edits[0].metadata["summary"]
-
-
 def _json_number(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
@@ -158,7 +153,7 @@ def run_training(fabric: Fabric, request: RunRequest) -> dict[str, Any]:
     say(f"Training on {fabric.device} in {fabric.world_size} process(es).", flush=True)
     settings = replace(request.settings, lr=lr, checkpoint=checkpoint)
     edits = _train(model, request, settings, fabric)
-    summary = dict(_summary(edits))
+    summary = dict(edits[0].metadata["summary"])  # the trainer records the run's summary in every result
     if fabric.global_rank == 0:
         written = [edit.save(files[concept], overwrite=request.overwrite) for edit, concept in zip(edits, request.concepts)]
         if report:

@@ -31,10 +31,9 @@ import diffusers
 
 from erasure.cli import add_generation_arguments, add_model_arguments, run_script, sampling_from_args
 from erasure.edits import apply, load_edit
-from erasure.files import versions
+from erasure.files import file_sha256, versions
 from erasure.generation import (
     GenerationError,
-    file_sha256,
     prepare_folder,
     prompt_jobs,
     sampling_image_size,
