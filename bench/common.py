@@ -287,7 +287,7 @@ def build_model(name: str, device: torch.device, checkpointing: bool | None = No
     """
     require_models([name])
     if name == "toy":
-        model = load_model(None, None, str(device), verbose=False)
+        model = load_model(None, None, device=str(device), verbose=False)
     else:
         model = build_random_model(name, device)
     if checkpointing is not None:

@@ -1,6 +1,6 @@
 """Benchmark 6 (issue 6): erase one artist from Stable Diffusion v1.4 on a GPU, end to end.
 
-Runs the code behind train-scripts/train-{sepce,cie,esd}.py (``erasure.trainers.cli``) on one
+Runs the code behind train-scripts/train-{sepce,cie,esd}.py (``erasure.runs.run_training``) on one
 CUDA device with the real weights: load configs/stable-diffusion/v1-inference.yaml and the
 checkpoint, make ``--num_images`` training images of the artist with the original model (SepCE
 and CiE; kept under data/generated/<model fingerprint>/ and reused by later runs, so a second run

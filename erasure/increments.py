@@ -413,7 +413,7 @@ def verify(model: nn.Module, increments: Sequence[Increment]) -> dict[str, Any]:
     """Compose ``increments``, measure ``kv_changes``, restore them all and compare every tensor.
 
     ``max_restore_abs_diff`` is the largest absolute difference, over every parameter and buffer
-    of the model, between before compose and after compose -> restore-all (0 means bit-exact).
+    of the model, between before compose and after compose -> detach-all (0 means bit-exact).
     Keeps one CPU copy of the state dict while it runs; the model is left as it was found.
     """
     before = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}

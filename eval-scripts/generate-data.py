@@ -4,8 +4,8 @@
         --num_samples 700 --split train --config_path configs/stable-diffusion/v1-inference.yaml \\
         --ckpt_path sd-v1-4-full-ema.ckpt --device cuda
 
---model_name is a class name or index of the model's class mapping (erasure/classes.py): for
-Stable Diffusion 0 = "" (blank), 1 Van Gogh, 2 Picasso, 3 Cezanne, 4 Jackson Pollock,
+--model_name is a class name or index of the model's world (the config's `world:` entry, read by
+erasure/worlds.py): for Stable Diffusion 0 = "" (blank), 1 Van Gogh, 2 Picasso, 3 Cezanne, 4 Jackson Pollock,
 5 Caravaggio, 6 Keith Haring, 7 Kelly McKernan, 8 Tyler Edlin, 9 Kilian Eng; for the embedded
 toy model 0 = blank and the nine toy artists. The prompt is the bare class name ("" for 0).
 

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from erasure.grids import grid_layout
 from erasure.toy.quality import attribute_prompts
 from erasure.toy.world import ARTISTS, CLASS_NAMES, COLOURS, OBJECTS
 
@@ -34,8 +36,17 @@ def test_toy_quality_script_prints_the_table_and_a_json_last_line(tmp_path: Path
     assert lines[0].startswith("Using the embedded toy model")
     report = json.loads(lines[-1])
     assert list(report["artist"]) == list(CLASS_NAMES)
-    assert all(0.0 <= value <= 1.0 for value in [*report["artist"].values(), report["object"], report["colour"]])
-    assert grid.is_file() and grid.stat().st_size > 0
+    # --num_samples 2 per class and 2 attribute prompts: every accuracy is 0, 1 or 2 hits out of 2
+    assert all(value in (0.0, 0.5, 1.0) for value in [*report["artist"].values(), report["object"], report["colour"]])
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[0] == "| class | prompt | artist accuracy (N=2) |"
+    assert len(table) == 1 + len(CLASS_NAMES) + 1  # a row per class, then the attribute prompts' row
+    for class_id, (row, name) in enumerate(zip(table[1:], CLASS_NAMES)):
+        assert row.startswith(f"| {class_id} {name} | ") and row.endswith(f" | {report['artist'][name]:.2f} |"), row
+    assert table[-1].startswith("| - | ") and f"object {report['object']:.2f}, colour {report['colour']:.2f}" in table[-1]
+    # one row of --grid_columns 32 px samples per class, labelled: the layout's size
+    layout = grid_layout([torch.zeros(2, 3, 32, 32)] * len(CLASS_NAMES), list(CLASS_NAMES))
+    assert Image.open(grid).size == (layout.width, layout.height)
 
 
 def test_toy_quality_refuses_bad_numbers() -> None:

@@ -22,6 +22,7 @@ from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
 from erasure.bases import compute_bases
 from erasure import cli, runs
 from erasure.classifier import ImageDataError, list_images, read_images
+from erasure.grids import grid_layout
 from erasure.increments import Increment, cross_attention_kv, detach, slugify
 from erasure.loading import load_model
 from erasure.settings import CiESettings, ESDSettings, SepCESettings, TrainingSettings
@@ -517,8 +518,9 @@ def test_before_after_report_on_the_tiny_model(model: nn.Module, fabric: Fabric,
     assert rows["blank"]["pixel_change_max"] < 1e-5  # "" is protected: its samples move by float rounding only
     assert rows["a red"]["pixel_change_max"] > 0.0
     assert "| a red | yes | 0 | 0 |" in table
-    width, height = Image.open(report_paths(tmp_path / "run")[0]).size
-    assert width > 4 * 16 and height > 2 * 16  # 2 rows of 2 before + 2 after, labels around them
+    # a row per class of 2 samples before + 2 after (16 px), labelled: the layout's size
+    layout = grid_layout([torch.zeros(4, 3, 16, 16)] * 2, list(world.names), block_labels=[("before", 2), ("after", 2)])
+    assert Image.open(report_paths(tmp_path / "run")[0]).size == (layout.width, layout.height)
 
 
 def test_losses_are_defined_on_eps_for_v_models(model: nn.Module) -> None:
