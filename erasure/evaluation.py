@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from erasure.classifier import ImageClassifier, unit_float
+from erasure.classifier import ImageClassifier
+from erasure.images import unit_float
 from erasure.metrics import (
     ConceptEvaluator,
     ConceptMetrics,

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from erasure.classifier import ImageClassifier, load_classifier, read_images
+from erasure.classifier import ImageClassifier, load_classifier
+from erasure.images import read_images
 from erasure.cli import run_script
 from erasure.evaluation import METRICS, evaluate, make_evaluator
 from erasure.files import check_writable, write_text

@@ -45,7 +45,8 @@ import torch
 from torch import nn
 
 from erasure.bases import normalise_prompt
-from erasure.classifier import ImageClassifier, load_classifier, read_images
+from erasure.classifier import ImageClassifier, load_classifier
+from erasure.images import read_images
 from erasure.cli import add_model_arguments, load_model_from_args, run_script
 from erasure.edits import Edit, load_edit
 from erasure.files import check_writable, write_json, write_text

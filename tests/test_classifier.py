@@ -21,12 +21,12 @@ from erasure.classifier import (
     evaluate_classifier,
     load_classifier,
     predict,
-    read_images,
     save_classifier,
     scan_split,
     single_class_images,
     train_classifier,
 )
+from erasure.images import read_images
 from erasure.files import ErasureFileError
 from erasure.loading import TOY_CONFIG
 from erasure.worlds import WorldError, world_from_config_file

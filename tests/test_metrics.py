@@ -20,12 +20,11 @@ from erasure.classifier import (
     ClassifierTrainingConfig,
     ImageDataError,
     build_classifier,
-    list_images,
-    read_images,
     save_classifier,
     scan_split,
     train_classifier,
 )
+from erasure.images import list_images, read_images
 from erasure.metrics import (
     NUDENET_EXPOSED,
     AlexLpips,

@@ -21,7 +21,8 @@ from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
 
 from erasure.bases import compute_bases
 from erasure import cli, runs
-from erasure.classifier import ImageDataError, list_images, read_images
+from erasure.classifier import ImageDataError
+from erasure.images import list_images, read_images
 from erasure.grids import grid_layout
 from erasure.increments import Increment, cross_attention_kv, detach, slugify
 from erasure.loading import load_model

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from erasure.classifier import list_images, read_images, unit_float
+from erasure.images import list_images, read_images, unit_float
 from erasure.errors import TrainingDataError
 from erasure.generation import generate_concept_images
 from erasure.increments import slugify
