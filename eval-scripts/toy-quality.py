@@ -30,12 +30,13 @@ from erasure.grids import labelled_grid
 from erasure.toy.oracle import load_oracle
 from erasure.toy.quality import (
     QualityReport,
+    compare_classes,
     comparison_table,
-    max_pixel_changes,
     measure_quality,
     quality_table,
 )
 from erasure.toy.world import CLASS_NAMES, class_prompt
+from erasure.worlds import world_of
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,8 +76,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print("Measuring the model without --apply (same seeds):", flush=True)
         before_images: dict[str, torch.Tensor] = {}
         before = measure(load_model_from_args(args), before_images)
-        changes = max_pixel_changes(before_images, after_images)
-        print(comparison_table(before, report, changes, args.num_samples))
+        compared = compare_classes(before_images, after_images, world_of(model))
+        print(comparison_table(before, report, compared, args.num_samples))
+        changes = {name: metrics.pixel_change_max for name, metrics in compared.items()}
         result.update(before=before.as_json(), max_abs_pixel_change=changes)
     else:
         print(quality_table(report, args.num_samples))

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from erasure.evaluation import pixel_change
+from erasure.evaluation import evaluate, make_evaluator
 from erasure.generation import generate
+from erasure.metrics import ConceptMetrics
 from erasure.tables import markdown_table
 from erasure.toy.oracle import ToyOracle
 from erasure.toy.world import ARTISTS, CLASS_NAMES, COLOURS, OBJECTS, class_prompt
+from erasure.worlds import World
 
 #: Seeds of class c start at seed + c * SEED_STRIDE; the attribute prompts use the next block.
 SEED_STRIDE = 100_000
@@ -103,19 +105,30 @@ def quality_table(report: QualityReport, num_samples: int) -> str:
     return markdown_table(["class", "prompt", f"artist accuracy (N={num_samples})"], rows)
 
 
-def max_pixel_changes(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per class (and ATTRIBUTES): the largest absolute pixel difference (images in [0, 1]) between
-    two models' samples of the same prompts and seeds (``erasure.evaluation.pixel_change``)."""
-    return {name: pixel_change(before[name], after[name])[1] for name in before}
+def compare_classes(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], world: World
+) -> dict[str, ConceptMetrics]:
+    """``erasure.evaluate`` of every class's same-seed samples (the oracle's ACC before and after, and
+    the pixel change), plus the pixel change of the ATTRIBUTES samples."""
+    evaluator = make_evaluator(("acc", "pixel"), world=world)
+    compared = {
+        name: evaluate(before[name], after[name], concept=name, metrics=("acc", "pixel"), evaluator=evaluator)
+        for name in CLASS_NAMES
+    }
+    compared[ATTRIBUTES] = evaluate(before[ATTRIBUTES], after[ATTRIBUTES], concept=ATTRIBUTES, metrics=("pixel",))
+    return compared
 
 
-def comparison_table(before: QualityReport, after: QualityReport, changes: dict[str, float], num_samples: int) -> str:
+def comparison_table(
+    before: QualityReport, after: QualityReport, compared: dict[str, ConceptMetrics], num_samples: int
+) -> str:
     """Per-class accuracy of a model before and after an edit, the change, and the largest pixel change."""
     rows = []
     for class_id, name in enumerate(CLASS_NAMES):
-        old, new = before.artist[name], after.artist[name]
-        rows.append([f"{class_id} {name}", f"{old:.2f}", f"{new:.2f}", f"{new - old:+.2f}", f"{changes[name]:.2g}"])
+        old, new, change = compared[name].acc_original, compared[name].acc, compared[name].pixel_change_max
+        rows.append([f"{class_id} {name}", f"{old:.2f}", f"{new:.2f}", f"{new - old:+.2f}", f"{change:.2g}"])
     rows.append(["`a {colour} {object} by {artist}`", f"object {before.object:.2f}, colour {before.colour:.2f}",
-                 f"object {after.object:.2f}, colour {after.colour:.2f}", "", f"{changes[ATTRIBUTES]:.2g}"])
+                 f"object {after.object:.2f}, colour {after.colour:.2f}", "",
+                 f"{compared[ATTRIBUTES].pixel_change_max:.2g}"])
     headers = ["class", f"accuracy before (N={num_samples})", "after", "change", "max abs pixel change"]
     return markdown_table(headers, rows)
