@@ -1,4 +1,4 @@
-"""Benchmark 4 (issue 6): wall time until the erased toy artist is gone, SepCE vs CiE vs ESD-x.
+"""Benchmark 4: wall time until the erased toy artist is gone, SepCE vs CiE vs ESD-x vs the closed form.
 
 On the shipped toy model (models/toy/) each method erases the first toy artist with the
 library's trainer at the training scripts' toy-model defaults (learning rates:
@@ -17,6 +17,12 @@ seeds before and after, pixels in [0, 1]; accuracy alone cannot tell a method th
 other classes untouched from one that redraws them in a way the oracle still recognises).
 Goal: SepCE >= 3x faster than ESD-x (total seconds, training images included) with less collateral
 damage (an accuracy change no larger and a smaller pixel change).
+``closed_form`` is SepCE's closed-form solve (METHOD.md §6; ``train_sepce`` with
+``solver="closed_form"``, bases included, no training images, no steps), checked once. Every method
+is also judged on the artist's training wordings (the closed form's built-in ones) and its
+held-out wordings (data/toy-heldout-wordings.csv), ``--wording_samples`` each. Goal of the closed
+form: >= 100x faster than ESD-x in total seconds (model loading excluded for both) with its
+held-out wordings erased at least as well.
 
     python bench/time_to_erase.py                   # needs models/toy/model.safetensors
     python bench/time_to_erase.py --quick           # fewer samples, images and steps (still the toy model)
@@ -28,6 +34,8 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,19 +57,28 @@ from common import (
     setup,
     sized,
 )
+from erasure.edits import apply
 from erasure.evaluation import pixel_change
 from erasure.generation import generate
 from erasure.toy.oracle import ToyOracle, load_oracle
-from erasure.toy.quality import SEED_STRIDE, measure_quality
+from erasure.increments import Increment
+from erasure.toy.quality import SEED_STRIDE, WordingRow, measure_prompts, measure_quality, read_wording_rows
 from erasure.toy.world import CLASS_NAMES, class_index, class_prompt
 from erasure.settings import CiESettings, SepCESettings
 from erasure.trainers.data import encode_images
 from erasure.trainers.loop import ConceptTrainer
+from erasure.training import train_sepce
+from erasure.wordings import default_templates, fill
 
-METHODS = ("sepce", "cie", "esd_x")
+METHODS = ("sepce", "cie", "esd_x", "closed_form")
 THRESHOLD = 0.20
 SPEED_GOAL = 3.0
+#: The closed form's goal against ESD-x (total seconds, model loading excluded for both).
+CLOSED_FORM_GOAL = 100.0
 LAMBDAS = {"sepce": SepCESettings().lam, "cie": CiESettings().lam, "esd_x": 0.0}
+HELD_OUT = Path(__file__).resolve().parents[1] / "data" / "toy-heldout-wordings.csv"
+#: Seeds of the training-wording samples (the held-out file's rows bring their own): used by nothing else.
+WORDING_SEED = 9_000_000
 TAU = 1e-4
 MAX_STEPS = 1000
 
@@ -106,6 +123,32 @@ def training_latents(model: nn.Module, count: int) -> torch.Tensor:
     return encode_images(model, (images * 255).round() / 255)
 
 
+def wording_rows() -> dict[str, list[WordingRow]]:
+    """The artist's training wordings (the closed form's built-in ones) and its held-out wordings."""
+    trained = [fill(template, CONCEPT) for template in default_templates("toy", "artist")]
+    class_id = class_index(CONCEPT)
+    return {
+        "training": [WordingRow(p, WORDING_SEED + 1000 * i, class_id, None, None) for i, p in enumerate(trained)],
+        "held_out": read_wording_rows(HELD_OUT, concept=CONCEPT),
+    }
+
+
+def wording_accuracy(model: nn.Module, oracle: ToyOracle, rows: dict[str, list[WordingRow]], samples: int) -> dict:
+    """Share of samples drawn as the artist, over its training and its held-out wordings."""
+    return {name: measure_prompts(model, oracle, group, samples).attribute_artist for name, group in rows.items()}
+
+
+def closed_form_run(model: nn.Module, accuracy: Callable[[], float]) -> tuple[dict[str, Any], list[Increment]]:
+    """The closed-form solve (bases included), timed, then one accuracy check with it applied."""
+    started = time.perf_counter()
+    increments = train_sepce(model, [CONCEPT], settings=SepCESettings(solver="closed_form", progress=False))
+    seconds = time.perf_counter() - started
+    with apply(model, increments):
+        value = accuracy()
+    return {"reached": value <= THRESHOLD, "steps": 0, "train_s": seconds,
+            "checks": [{"step": 0, "seconds": seconds, "accuracy": value}]}, increments
+
+
 def others_change(before: dict[str, float], after: dict[str, float], erased: str) -> float:
     return statistics.mean(after[name] - before[name] for name in CLASS_NAMES if name != erased)
 
@@ -129,6 +172,11 @@ def main(args: argparse.Namespace) -> None:
     original = build_model("toy", device)
     before_images: dict[str, torch.Tensor] = {}
     before = measure_quality(original, oracle, samples, args.seed, images=before_images).artist
+    wordings = wording_rows()
+    wording_samples = sized(args.wording_samples, args.quick, 1, 10)
+    if args.quick:
+        wordings = {name: rows[:2] for name, rows in wordings.items()}
+    wordings_before = wording_accuracy(original, oracle, wordings, wording_samples)
     started = time.perf_counter()
     latents = training_latents(original, args.num_images)
     data_s = time.perf_counter() - started
@@ -139,18 +187,25 @@ def main(args: argparse.Namespace) -> None:
     for method in args.methods:
         progress(f"{method}: erasing {CONCEPT!r}")
         model = build_model("toy", device)
-        settings = bench_settings(method, "toy", args.seed, iterations=max_steps, tau=TAU, lam=LAMBDAS[method])
-        trainer = make_trainer(method, model, make_fabric(device), latents, settings, protected=other_classes)
-        run = erase_until(
-            trainer, lambda: artist_accuracy(model, oracle, class_id, check_samples, args.seed), THRESHOLD,
-            args.check_every,
-        )
+        def check(model: nn.Module = model) -> float:
+            return artist_accuracy(model, oracle, class_id, check_samples, args.seed)
+
+        edits: list[Increment] = []
+        if method == "closed_form":  # no training images, no steps: one solve
+            run, edits = closed_form_run(model, check)
+        else:
+            settings = bench_settings(method, "toy", args.seed, iterations=max_steps, tau=TAU, lam=LAMBDAS[method])
+            trainer = make_trainer(method, model, make_fabric(device), latents, settings, protected=other_classes)
+            run = erase_until(trainer, check, THRESHOLD, args.check_every)
         after_images: dict[str, torch.Tensor] = {}
-        after = measure_quality(model, oracle, samples, args.seed, images=after_images).artist
-        method_data_s = 0.0 if method == "esd_x" else data_s
+        with apply(model, edits) if edits else nullcontext():
+            after = measure_quality(model, oracle, samples, args.seed, images=after_images).artist
+            wordings_after = wording_accuracy(model, oracle, wordings, wording_samples)
+        method_data_s = 0.0 if method in ("esd_x", "closed_form") else data_s
         run.update(data_s=method_data_s, total_s=run["train_s"] + method_data_s, erased_accuracy=after[CONCEPT],
                    others_mean_change=others_change(before, after, CONCEPT),
-                   others_pixel_change=others_pixel_change(before_images, after_images, CONCEPT))
+                   others_pixel_change=others_pixel_change(before_images, after_images, CONCEPT),
+                   training_wordings=wordings_after["training"], held_out_wordings=wordings_after["held_out"])
         runs[method] = run
         rows.append({"method": method, **{key: value for key, value in run.items() if key != "checks"}})
     goal: dict[str, Any] = {"speed_goal": SPEED_GOAL}
@@ -163,19 +218,27 @@ def main(args: argparse.Namespace) -> None:
                     sepce_less_collateral=less_damage, met=speedup >= SPEED_GOAL and less_damage)
     else:
         goal["met"] = False
+    if {"closed_form", "esd_x"} <= set(runs):
+        ratio = runs["esd_x"]["total_s"] / runs["closed_form"]["total_s"]
+        goal.update(esd_x_over_closed_form_time=ratio, closed_form_goal=CLOSED_FORM_GOAL,
+                    closed_form_met=ratio >= CLOSED_FORM_GOAL
+                    and runs["closed_form"]["held_out_wordings"] <= runs["esd_x"]["held_out_wordings"])
     print_table(
         f"Time until the oracle's accuracy on {CONCEPT!r} <= {THRESHOLD} (checks of {check_samples} samples every "
         f"{args.check_every} steps; quality with {samples} samples per class)",
         rows,
-        ["method", "reached", "steps", "train_s", "data_s", "total_s", "erased_accuracy", "others_mean_change",
-         "others_pixel_change"],
+        ["method", "reached", "steps", "train_s", "data_s", "total_s", "erased_accuracy", "training_wordings",
+         "held_out_wordings", "others_mean_change", "others_pixel_change"],
     )
-    print_json("time_to_erase", args, device, {"before": before, "runs": runs, "goal": goal})
+    print_json("time_to_erase", args, device,
+               {"before": before, "wordings_before": wordings_before, "runs": runs, "goal": goal})
 
 
 def parser() -> argparse.ArgumentParser:
     result = bench_parser(__doc__)
-    result.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all three")
+    result.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all four")
+    result.add_argument("--wording_samples", type=int, default=None,
+                        help="samples per training / held-out wording of the artist (default: 10; --quick: 1)")
     result.add_argument("--samples", type=int, default=None,
                         help="quality samples per class (default: 100; --quick: 10)")
     result.add_argument("--check_samples", type=int, default=None,

@@ -149,18 +149,37 @@ def _unique_protected(concept: str, protected_prompts: Sequence[str]) -> list[st
 
 
 def _capacity_message(
-    concept: str, protected: list[str], rank: int, dims: int, min_dims: int, width: int, rows: int, blank_rank: int
+    concept: str,
+    protected: list[str],
+    encodings: Mapping[str, torch.Tensor],
+    rtol: float,
+    rank: int,
+    dims: int,
+    min_dims: int,
+    width: int,
 ) -> str:
-    per_prompt = (rank - blank_rank) / (len(protected) - 1) if len(protected) > 1 else rows - 1
-    per_prompt = max(per_prompt, 1.0)
-    fit = max(int((width - min_dims - blank_rank) // per_prompt), 0)
-    return (
+    """Say exactly how many protected prompts fit: the rank of ``""`` plus the first k prompts, for every
+    k, measured as the basis measures it (it saturates at the text width; no per-prompt formula)."""
+    fit, fit_dims = -1, 0
+    for count in range(1, len(protected) + 1):
+        prefix_rank = null_space(torch.cat([encodings[p] for p in protected[:count]]), rtol)[1]
+        if width - prefix_rank < min_dims:
+            break
+        fit, fit_dims = count - 1, width - prefix_rank
+    rows = len(protected) * encodings[BLANK_PROMPT].shape[0]
+    head = (
         f"Null space for concept {concept!r} has {dims} dimension(s), fewer than min_dims={min_dims}: the "
-        f"{len(protected)} protected prompts (\"\" + {len(protected) - 1}) give {len(protected)} x {rows} token "
-        f"rows of rank {rank} at text width d={width}. \"\" alone has rank {blank_rank} and each further prompt "
-        f"adds about {per_prompt:.0f} (its first token's output is shared), so about {fit} protected prompt(s) "
-        f"besides \"\" fit at this width. Protect fewer prompts (erase in smaller groups or use sequential "
-        f"bases), or lower min_dims."
+        f"{len(protected)} protected prompts (\"\" + {len(protected) - 1}) give {rows} token rows of rank {rank} at "
+        f"text width d={width}."
+    )
+    if fit < 0:
+        return f"{head} Even \"\" alone leaves fewer than {min_dims} dimensions; lower min_dims."
+    dropped = protected[fit + 1 :]
+    shown = ", ".join(repr(prompt) for prompt in dropped[:5]) + (", ..." if len(dropped) > 5 else "")
+    return (
+        f"{head} {fit} of the {len(protected) - 1} prompts besides \"\" fit: \"\" and the first {fit} leave {fit_dims} "
+        f"dimensions. Drop the last {len(dropped)} ({shown}): erase in smaller groups, protect fewer prompts, or "
+        f"lower min_dims."
     )
 
 
@@ -171,29 +190,70 @@ def _basis_from_encodings(
     rtol: float,
     min_dims: int,
     fingerprint: str,
+    approximate: Sequence[str] = (),
+    energy: float = 1.0,
 ) -> ConceptBasis:
     protected = _unique_protected(concept, protected_prompts)
     if min_dims < 1:
         raise ValueError(f"min_dims must be >= 1, got {min_dims}.")
     rows, width = encodings[BLANK_PROMPT].shape
-    matrix = torch.cat([encodings[p] for p in protected])
+    exact_keys = {normalise_prompt(prompt) for prompt in protected}
+    approximate = [prompt for prompt in approximate if normalise_prompt(prompt) not in exact_keys]
+    if normalise_prompt(concept) in {normalise_prompt(prompt) for prompt in approximate}:
+        raise ValueError(
+            f"Concept {concept!r} is in the protect file; a concept cannot be erased and protected at once."
+        )
+    exact = protected + approximate if energy >= 1 else protected
+    matrix = torch.cat([encodings[p] for p in exact])
     basis, rank, _ = null_space(matrix, rtol)
     if basis.shape[0] < min_dims:
-        blank_rank = null_space(encodings[BLANK_PROMPT], rtol)[1]
         raise CapacityError(
-            _capacity_message(concept, protected, rank, basis.shape[0], min_dims, width, rows, blank_rank)
+            _capacity_message(concept, exact, encodings, rtol, rank, basis.shape[0], min_dims, width)
         )
+    extra: dict[str, object] = {}
+    if approximate and energy < 1:
+        exact_dims = basis.shape[0]
+        basis, kept = energy_null_space(basis, torch.cat([encodings[p] for p in approximate]), energy)
+        if basis.shape[0] < min_dims:
+            raise CapacityError(
+                f"Null space for concept {concept!r} has {basis.shape[0]} dimension(s), fewer than "
+                f"min_dims={min_dims}: keeping {energy} of the energy of {len(approximate)} approximately "
+                f"protected prompts ({len(approximate)} x {rows} rows) takes {kept} of the {exact_dims} "
+                f"directions the {len(protected)} exactly protected prompts leave. Lower --protect_energy "
+                f"(e.g. 0.99) or protect fewer prompts."
+            )
+        extra["approximate"] = {"prompts": approximate, "energy": energy, "exact_dims": exact_dims, "kept": kept}
     concept_rows = encodings[concept]
     reach = float((concept_rows @ basis.T).norm() / concept_rows.norm())
     return ConceptBasis(
         concept=concept,
-        protected_prompts=protected,
+        protected_prompts=exact,
         basis=basis.to(torch.float32),
         rank=rank,
         rtol=rtol,
         text_encoder_fingerprint=fingerprint,
         concept_reach=reach,
+        extra=extra,
     )
+
+
+def energy_null_space(basis: torch.Tensor, rows: torch.Tensor, energy: float) -> tuple[torch.Tensor, int]:
+    """The part of ``basis``' span [k, d] left after protecting ``energy`` of ``rows``' energy there.
+
+    Approximate protection (METHOD.md §6): the rows [m, d] are projected onto the span, the
+    fewest right-singular directions holding ``energy`` of the projections' squared norm are
+    kept out, the rest is returned (orthonormal rows) with the number kept out. Prompts that
+    made ``basis`` stay exactly protected because the result lies inside its span.
+    """
+    projected = rows.to(torch.float64) @ basis.T
+    # eigenvectors of the [k, k] Gram matrix are the right-singular vectors (squared singular values
+    # as eigenvalues) without the [m, m] left factor an SVD of thousands of rows would build
+    energies, vectors = torch.linalg.eigh(projected.T @ projected)
+    energies, vectors = energies.flip(0).clamp_min(0), vectors.flip(1)
+    share = energies.cumsum(0) / energies.sum().clamp_min(1e-300)
+    kept = min(int((share < energy).sum()) + 1, basis.shape[0])
+    remaining = vectors[:, kept:].T @ basis
+    return (remaining / remaining.norm(dim=1, keepdim=True)).contiguous(), kept
 
 
 def _encode_unique(model: nn.Module, prompts: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -227,15 +287,22 @@ def compute_bases(
     rtol: float = DEFAULT_RTOL,
     min_dims: int = DEFAULT_MIN_DIMS,
     sequential: bool = False,
+    approximate: Sequence[str] = (),
+    energy: float = 1.0,
 ) -> dict[str, ConceptBasis]:
     """Bases for a set of concepts, each prompt encoded once.
 
     Joint (default): concept k protects ``""``, every other concept of the set and
     ``extra_protected``; the increments can then be trained together and restored in any order.
     ``sequential=True``: concept k protects ``""``, concepts ``0..k-1`` and ``extra_protected``,
-    the memory-saving order in which each newly erased concept protects all earlier ones
-    (earlier bases are not recomputed when a concept is added later).
+    the order in which each newly erased concept protects all earlier ones (earlier bases are not
+    recomputed when a concept is added later; the paper's scene protocol, METHOD.md §4). SepCE's
+    ``--mode sequential`` does NOT use it: it trains on the joint bases (METHOD.md §2).
+    ``approximate`` prompts (a protect file; METHOD.md §6) are protected exactly when ``energy`` is 1,
+    else by ``energy_null_space``: hundreds fit, ``""`` and the other prompts stay exact.
     """
+    if not 0 < energy <= 1:
+        raise ValueError(f"energy (--protect_energy) must be in (0, 1], got {energy}.")
     concepts = _check_prompts(concepts, "concepts")
     if not concepts:
         raise ValueError("compute_bases needs at least one concept.")
@@ -244,12 +311,15 @@ def compute_bases(
     if repeated:
         raise ValueError(f"Concepts {repeated} are given more than once (case and spacing ignored); list each once.")
     extra = _check_prompts(extra_protected, "extra_protected")
-    encodings = _encode_unique(model, [BLANK_PROMPT, *concepts, *extra])
+    approximate = _check_prompts(approximate, "approximate")
+    encodings = _encode_unique(model, [BLANK_PROMPT, *concepts, *extra, *approximate])
     fingerprint = text_encoder_fingerprint(model)
     bases = {}
     for index, concept in enumerate(concepts):
         others = concepts[:index] if sequential else concepts[:index] + concepts[index + 1 :]
-        basis = _basis_from_encodings(concept, [*others, *extra], encodings, rtol, min_dims, fingerprint)
+        basis = _basis_from_encodings(
+            concept, [*others, *extra], encodings, rtol, min_dims, fingerprint, approximate, energy
+        )
         basis.extra["mode"] = "sequential" if sequential else "joint"
         bases[concept] = basis
     return bases

@@ -2,7 +2,7 @@
 
 Every script in train-scripts/, eval-scripts/ and bench/ builds its parser from these groups and
 runs its ``main`` through ``run_script``: the project's input errors (``erasure.errors``, all
-ValueErrors) and missing or existing files (FileNotFoundError / FileExistsError) become
+ValueErrors) and files that are missing, present or cannot be written (OSError) become
 ``error: <message>`` on stderr and exit status 2, the status argparse gives bad flags.
 ``ERASURE_TRACEBACK=1`` shows the traceback.
 """
@@ -22,11 +22,22 @@ from torch import nn
 from erasure.loading import TOY_CONFIG, load_model, read_config
 from erasure.runs import RunRequest, run_training
 from erasure.samplers import SAMPLERS, SamplingSettings, sampling_settings
-from erasure.settings import CiESettings, ESDSettings, SepCESettings, TrainingSettings, default_learning_rate
+from erasure.settings import (
+    CONCEPT_KINDS,
+    ESD_TIMESTEPS,
+    SEPCE_SOLVERS,
+    JOINT_OBJECTIVES,
+    CiESettings,
+    ESDSettings,
+    SepCESettings,
+    TrainingSettings,
+    default_learning_rate,
+)
 from erasure.trainers.runtime import ACCELERATORS, PRECISIONS, STRATEGIES, FabricOptions, make_fabric
 from erasure.worlds import world_from_config
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+#: OSError: a file that cannot be read or written (permissions, a full disk) is reported, not a bug.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError)
 
 
 EXIT_BAD_INPUT = 2
@@ -63,9 +74,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def load_model_from_args(args: argparse.Namespace, verbose: bool = True) -> nn.Module:
+def load_model_from_args(args: argparse.Namespace, verbose: bool = True, needs_tokenizer: bool = True) -> nn.Module:
     """``erasure.load_model`` driven by the flags of ``add_model_arguments``."""
-    return load_model(args.config_path, args.ckpt_path, device=args.device, use_ema=args.use_ema, verbose=verbose)
+    return load_model(args.config_path, args.ckpt_path, device=args.device, use_ema=args.use_ema, verbose=verbose,
+                      needs_tokenizer=needs_tokenizer)
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -138,7 +150,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, method: str, needs_i
         data = parser.add_argument_group("training images (made by the original model)")
         data.add_argument("--data_dir", type=Path, default=None,
                           help="folder with {data_dir}/{concept_slug}/*.png; default: generate --num_images per concept "
-                          "into data/generated/<model fingerprint>/ once and reuse them")
+                          "into {cache_dir}/training-images/<model fingerprint>/ once and reuse them")
+        data.add_argument("--cache_dir", type=Path, default=None,
+                          help="where generated training images are kept (default: $XDG_CACHE_HOME/separable-erasure, "
+                          "else ~/.cache/separable-erasure)")
         data.add_argument("--num_images", type=int, default=defaults.num_images,
                           help="images to generate per concept when --data_dir is not given (default: 100)")
     if method != "esd":
@@ -157,6 +172,12 @@ def sepce_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=("joint", "sequential"), default=defaults.mode,
                         help="train together or one by one")
     parser.add_argument("--protect", nargs="*", default=[], help="extra prompts every increment must leave unchanged")
+    parser.add_argument("--watermark_prompt", default=defaults.watermark_prompt,
+                        help=f"protected by every increment, so a watermark prompt keeps its output (METHOD.md §2; "
+                        f"default: {defaults.watermark_prompt!r}; '' for none)")
+    parser.add_argument("--joint_objective", choices=JOINT_OBJECTIVES, default=defaults.joint_objective,
+                        help="per_concept (default; the authors' code: one momentum stop and L1 term per concept) or "
+                        "paper (Eq. 34/37: L1 of the summed increments, one weighted momentum; --mode joint)")
     parser.add_argument(
         "--protect_classes", action=argparse.BooleanOptionalAction, default=None,
         help="also protect the model's other evaluation classes (METHOD.md §4: the other artists) -- the 'known "
@@ -168,6 +189,25 @@ def sepce_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rtol", type=float, default=defaults.rtol, help="null-space rank tolerance (default: 1e-6)")
     parser.add_argument("--min_dims", type=int, default=defaults.min_dims,
                         help=f"smallest usable null space (default: {defaults.min_dims})")
+    solve = parser.add_argument_group("solver and wordings (METHOD.md §6)")
+    solve.add_argument("--solver", choices=SEPCE_SOLVERS, default=defaults.solver,
+                       help="cie: train the CiE loss from zero (the paper; default); closed_form: ridge least squares over "
+                       "the concept's wordings, in seconds, no images; closed_form+cie: train from the closed form")
+    solve.add_argument("--mu", type=float, default=defaults.mu,
+                       help=f"closed form's ridge, relative to trace(B B^T)/k (default: {defaults.mu})")
+    solve.add_argument("--target", default=defaults.target,
+                       help="what replaces the concept's name in every wording (default: '' = the name removed)")
+    solve.add_argument("--concept_templates", default=None, metavar="FILE",
+                       help="wordings, one a line, each with {name} (default: the built-in ones of --concept_kind)")
+    solve.add_argument("--concept_kind", choices=CONCEPT_KINDS, default=defaults.concept_kind,
+                       help="which built-in wordings: artist (default) or object")
+    solve.add_argument("--protect_file", default=None, metavar="FILE",
+                       help="prompts to protect, one a line (hundreds allowed with --protect_energy < 1)")
+    solve.add_argument("--protect_energy", type=float, default=defaults.protect_energy,
+                       help="share of --protect_file's energy kept out of the null space; 1 (default): exactly")
+    solve.add_argument("--keep_wordings", action=argparse.BooleanOptionalAction, default=defaults.keep_wordings,
+                       help="closed form: also keep the wordings of every protected prompt (the templates filled "
+                       "with it) as they are: less drift on them, weaker erasure of unseen wordings (default: off)")
     add_training_arguments(parser, "sepce")
     return parser
 
@@ -193,6 +233,9 @@ def esd_parser() -> argparse.ArgumentParser:
                         help="guidance of the partial sample")
     parser.add_argument("--negative_guidance", type=float, default=defaults.negative_guidance,
                         help="eta of the ESD target")
+    parser.add_argument("--timestep", choices=ESD_TIMESTEPS, default=defaults.timestep,
+                        help="UNet timestep of the partial sample: reference (default; ESD's code, a DDPM index from "
+                        "the DDIM step's bin) or noise_level (the sample's true noise level); METHOD.md §5")
     add_training_arguments(parser, "esd", needs_images=False)
     return parser
 
@@ -220,7 +263,7 @@ def request_from_args(args: argparse.Namespace, cls: type[TrainingSettings]) -> 
         concepts=tuple(concepts), settings=_settings(cls, args), config_path=args.config_path,
         ckpt_path=args.ckpt_path, use_ema=args.use_ema, protect=tuple(getattr(args, "protect", ())),
         output_dir=args.output_dir, overwrite=args.overwrite, data_dir=getattr(args, "data_dir", None),
-        report=not args.no_report,
+        report=not args.no_report, cache_dir=getattr(args, "cache_dir", None), precision=args.precision,
     )
 
 
@@ -230,7 +273,7 @@ def train_main(parser: argparse.ArgumentParser, cls: type[TrainingSettings]) -> 
 
     def main() -> None:
         request = request_from_args(args, cls)
-        request.settings.validate()
+        request.validate()
         fabric = make_fabric(fabric_options_from_args(args))
         fabric.launch(run_training, request)
 

@@ -34,7 +34,7 @@ from erasure.edits import Edit, apply
 from erasure.errors import ExportError
 from erasure.files import atomic_directory, file_sha256, versions, write_json
 from erasure.increments import INCREMENT_KIND, Increment
-from erasure.loading import model_fingerprint
+from erasure.loading import model_fingerprint, text_encoder_tokenizer
 from erasure.weight_differences import WEIGHT_DIFFERENCE_KIND, WeightDifference
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
@@ -207,7 +207,7 @@ def to_diffusers_pipeline(model: nn.Module) -> StableDiffusionPipeline:
             f"A full diffusers export needs a FrozenCLIPEmbedder text encoder; this model's is "
             f"{type(text_encoder).__name__}. Use --unet_only."
         )
-    tokenizer = text_encoder.tokenizer
+    tokenizer = text_encoder_tokenizer(model)
     if tokenizer.model_max_length != text_encoder.max_length:
         raise ExportError(
             f"The tokenizer pads to {tokenizer.model_max_length} tokens but the text encoder to "

@@ -53,6 +53,10 @@ class ModelLoadError(ErasureError):
     """A config or checkpoint that cannot give a working model; the message says how to fix it."""
 
 
+class OverlayError(ErasureError):
+    """A CompVis clone or overlay file list the overlay check cannot use; the message says the fix."""
+
+
 class NonFiniteLossError(ErasureError, FloatingPointError):
     """The loss became NaN/inf; training stopped and the last good checkpoint was kept."""
 
@@ -83,6 +87,15 @@ class TrainingDataError(ErasureError):
 
 class TrainingSetupError(ErasureError):
     """Options that cannot give a working training run; the message names the fix."""
+
+
+class VerificationError(ErasureError):
+    """Composed increments that change a protected prompt's keys/values beyond the tolerance, or a
+    compose -> detach that does not give back the exact weights; ``report`` holds the measurements."""
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report or {}
 
 
 class WeightDifferenceError(ErasureError):

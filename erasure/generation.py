@@ -124,6 +124,10 @@ def save_png(image: torch.Tensor, path: str | Path) -> Path:
     """Write one [3, H, W] (or [1, H, W]) float image in [0, 1] as an 8-bit PNG, atomically."""
     if image.ndim != 3 or image.shape[0] not in (1, 3):
         raise GenerationError(f"save_png expects one image [3, H, W] or [1, H, W], got shape {tuple(image.shape)}.")
+    if not torch.isfinite(image).all():
+        raise GenerationError(
+            f"Refusing to write {path}: the image holds NaN/inf pixels (the model or an applied edit diverged)."
+        )
     pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     array = pixels.permute(1, 2, 0).numpy()
     picture = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)

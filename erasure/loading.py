@@ -14,7 +14,9 @@ warned about; ``load_state_dict(strict=False)`` is never used without checking i
 from __future__ import annotations
 
 import hashlib
+import pickle
 import warnings
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -208,11 +210,8 @@ def read_checkpoint(ckpt_path: Path) -> dict[str, torch.Tensor]:
             payload: object = load_safetensors(str(ckpt_path), device="cpu")
         else:
             payload = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as error:  # any reader failure means a corrupted or foreign file
-        raise ModelLoadError(
-            f"Cannot read checkpoint {ckpt_path}: {type(error).__name__}: {error}. The file is "
-            f"corrupted, truncated or not a {suffix} checkpoint; download or export it again."
-        ) from error
+    except Exception as error:  # every reader failure is explained by _unreadable_checkpoint
+        raise _unreadable_checkpoint(ckpt_path, suffix, error) from error
     if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
         payload = payload["state_dict"]
     if not isinstance(payload, Mapping) or not payload:
@@ -226,7 +225,50 @@ def read_checkpoint(ckpt_path: Path) -> dict[str, torch.Tensor]:
             f"Checkpoint {ckpt_path}: entries {not_tensors[:KEYS_SHOWN]} are not tensors; pass a "
             f"state dict of tensors or a Lightning checkpoint with a `state_dict`."
         )
+    non_finite = [key for key, value in payload.items()
+                  if value.is_floating_point() and not torch.isfinite(value).all()]
+    if non_finite:
+        raise ModelLoadError(
+            f"Checkpoint {ckpt_path}: {len(non_finite)} tensors hold NaN/inf values, e.g. {non_finite[:KEYS_SHOWN]}; "
+            f"the model would make black or noise images. Use the original checkpoint, or export it again from "
+            f"finite weights."
+        )
     return dict(payload)
+
+
+#: Errors of the pickle and zip readers themselves: the file's bytes are broken.
+_DAMAGED_FILE_ERRORS = (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, UnicodeDecodeError)
+
+
+def _unreadable_checkpoint(ckpt_path: Path, suffix: str, error: Exception) -> ModelLoadError:
+    """One message for a checkpoint that could not be read, saying what failed.
+
+    A pickle is a program: reading one imports the classes it names and runs their code. An
+    import that fails means the file needs a package this environment lacks; any other error
+    raised while unpickling came from code in the file, not from damaged bytes.
+    """
+    failure = f"{type(error).__name__}: {error}"
+    if suffix == ".safetensors":
+        return ModelLoadError(
+            f"Cannot read checkpoint {ckpt_path} as safetensors ({failure}); the file is truncated or not a "
+            f"safetensors file. Download or export it again."
+        )
+    message = str(error)
+    if isinstance(error, _DAMAGED_FILE_ERRORS) or "PytorchStreamReader" in message or "zip archive" in message:
+        return ModelLoadError(
+            f"Cannot read checkpoint {ckpt_path}: its bytes are damaged ({failure}); the file is truncated or not "
+            f"a torch {suffix} file. Download it again (compare its sha256 with the published one)."
+        )
+    if isinstance(error, ImportError | AttributeError):
+        return ModelLoadError(
+            f"Loading the pickle {ckpt_path} ran its code, which needs something this environment lacks ({failure}); "
+            f"install the package it was saved with, or convert it to .safetensors where it loads."
+        )
+    return ModelLoadError(
+        f"Loading the pickle {ckpt_path} ran code stored in the file, and that code failed ({failure}). The file "
+        f"was not written by torch.save of a state dict as CompVis checkpoints are; use a checkpoint you trust, "
+        f"or .safetensors."
+    )
 
 
 def _with_ema_weights(
@@ -363,12 +405,42 @@ def _instantiate(config: DictConfig, config_path: Path) -> LatentDiffusion:
             f"Config {config_path} names an unknown target: {error} Use classes importable from "
             f"this project, e.g. ldm.models.diffusion.ddpm.LatentDiffusion."
         ) from error
+    except OSError as error:
+        raise _text_encoder_unavailable(config, config_path, error) from None
     if not isinstance(model, LatentDiffusion):
         raise ModelLoadError(
             f"Config {config_path} builds a {type(model).__name__}, not a LatentDiffusion; pass a "
             f"latent text-to-image config such as configs/stable-diffusion/v1-inference.yaml."
         )
     return model
+
+
+def _text_encoder_unavailable(config: DictConfig, config_path: Path | None, error: OSError) -> Exception:
+    """One short error for a text encoder whose tokenizer or config cannot be had (the Hub is unreachable).
+
+    A local directory that is wrong keeps its own error (it names the directory and the files it lacks).
+    """
+    cond_stage = config.model.get("params", {}).get("cond_stage_config")
+    params = cond_stage.get("params") if isinstance(cond_stage, DictConfig) else None
+    version = str((params or {}).get("version", "openai/clip-vit-large-patch14"))
+    if isinstance(error, FileNotFoundError) or Path(version).expanduser().exists():
+        return error
+    where = f"in {config_path}" if config_path is not None else "of the model's config"
+    return ModelLoadError(
+        f"The text encoder's tokenizer {version!r} (cond_stage_config.params.version {where}) is neither on "
+        f"this machine nor reachable on the Hugging Face Hub. Fetch it once where the Hub is reachable "
+        f"(huggingface-cli download {version} --local-dir clip-tokenizer), copy that directory here and set "
+        f"cond_stage_config.params.version to its path. Work on the UNet alone needs no tokenizer "
+        f"(e.g. convert-to-diffusers.py --unet_only)."
+    )
+
+
+def text_encoder_tokenizer(model: nn.Module, config_path: Path | None = None) -> object:
+    """The text encoder's tokenizer (None if it has none), loaded now if the encoder defers it, or one clear error."""
+    try:
+        return getattr(model.cond_stage_model, "tokenizer", None)
+    except OSError as error:
+        raise _text_encoder_unavailable(model.ldm_config, config_path, error) from None
 
 
 def load_model(
@@ -378,12 +450,15 @@ def load_model(
     device: str = "cpu",
     use_ema: bool = False,
     verbose: bool = True,
+    needs_tokenizer: bool = True,
 ) -> LatentDiffusion:
     """Build the LatentDiffusion of ``config_path`` and load ``ckpt_path`` into it, frozen, in eval mode.
 
     With neither path the embedded toy model is used (and announced as the first printed line).
     The returned model keeps its config as ``model.ldm_config`` (used by the diffusers export).
     ``use_ema`` takes the UNet weights from the checkpoint's ``model_ema.*`` copy.
+    ``needs_tokenizer=False`` is for work on the UNet alone (e.g. a UNet-only export): the text
+    encoder's tokenizer, which may have to come from the Hugging Face Hub, is then not loaded here.
     """
     config_file, ckpt_file = _resolve_paths(config_path, ckpt_path, verbose)
     target_device = resolve_device(device)
@@ -394,6 +469,8 @@ def load_model(
         state = _with_ema_weights(state, model, ckpt_file)
     _load_weights(model, state, ckpt_file, config_file, use_ema, verbose)
     model.ldm_config = config
+    if needs_tokenizer:
+        text_encoder_tokenizer(model, config_file)
     model.eval().requires_grad_(False)
     model.to(target_device)
     if verbose:

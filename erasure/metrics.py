@@ -313,7 +313,8 @@ def frechet_distance(
     original: torch.Tensor, erased: torch.Tensor, features: FidFeatures, batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> float:
-    """FID between two image sets (uint8 or [0, 1] float [N, 3, H, W]) with ``features``."""
+    """FID between two image sets (uint8 or [0, 1] float [N, 3, H, W]) with ``features``, clamped at 0:
+    it is a squared distance, and the matrix square root's rounding makes equal sets read about -3e-4."""
     if original.shape[0] < 2 or erased.shape[0] < 2:
         raise MetricsError(
             f"FID needs at least 2 images per set, got {original.shape[0]} original and {erased.shape[0]} erased; "
@@ -326,7 +327,7 @@ def frechet_distance(
     for real, images in ((True, original), (False, erased)):
         for chunk in images.split(batch_size):
             metric.update(unit_float(chunk).to(device), real=real)
-    return float(metric.compute())
+    return max(float(metric.compute()), 0.0)
 
 
 @torch.no_grad()

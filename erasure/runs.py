@@ -1,21 +1,31 @@
 """A training run with files: what ``train-sepce.py``, ``train-cie.py`` and ``train-esd.py`` do
 around the API call.
 
-``run_training(fabric, request)`` runs in every process: it checks the outputs before loading
-anything, loads the model on the process's device, calls ``train_sepce`` / ``train_cie`` /
+``run_training(fabric, request)`` runs in every process: before loading anything it checks every
+output (not present unless --overwrite, its folder writable or creatable, the image cache too),
+takes the run's lock ``{stem}.lock`` (one run per output stem; a killed run's lock is taken over)
+and removes temporary files that killed saves left in the output folder; after loading it checks
+the free space the results and checkpoints need. It then calls ``train_sepce`` / ``train_cie`` /
 ``train_esd`` with a checkpoint next to the outputs (``--resume`` continues a killed run to the
 same result), lets rank 0 write the result files (and, for a world with a classifier, the
 before/after report), removes the checkpoint and prints ONE JSON line: per concept the steps run,
 why it stopped and the final momentum, the training seconds, the files written, the total
 seconds.
+
+Run names hold the method, the concept, the main hyper-parameters, the seed and an 8-digit digest
+of every other setting that decides the result (``run_record``): two different runs never share a
+result file, checkpoint or lock; the files' JSON headers record the settings in full.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,16 +33,26 @@ from typing import Any
 from lightning_fabric import Fabric
 
 from erasure.edits import Edit
-from erasure.files import check_writable
-from erasure.increments import slugify
+from erasure.errors import ErasureError
+from erasure.files import check_folder_writable, check_free_space, check_writable, remove_stale_temporaries, run_lock
+from erasure.images import list_images
+from erasure.increments import check_distinct_names, cross_attention_kv, slugify
 from erasure.loading import TOY_CONFIG, load_model
 from erasure.settings import CiESettings, ESDSettings, SepCESettings, TrainingSettings
+from erasure.trainers.data import concept_folder, generated_root
+from erasure.trainers.esd import TRAINED_SETS
 from erasure.trainers.report import before_after_report, report_paths
 from erasure.trainers.runtime import TrainingSetupError
+from erasure.trainers.weights import cross_attention_parameters
 from erasure.training import train_cie, train_esd, train_sepce
 from erasure.worlds import world_from_config_file
 
 CHECKPOINT_SUFFIX = ".checkpoint.safetensors"
+#: Copies of the trained tensors a checkpoint holds (values, Adam's two moments), and checkpoints on
+#: disk at once while one is replaced (the old one and the new temporary file).
+CHECKPOINT_COPIES = 3 * 2
+#: Room for the report (grid PNG, accuracy JSON) and file headers.
+REPORT_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,12 @@ class RunRequest:
     overwrite: bool = False
     data_dir: Path | None = None
     report: bool = True
+    cache_dir: Path | None = None
+    precision: str = "32-true"
+
+    def validate(self) -> None:
+        """Check the settings as the run uses them: ``resume`` continues the checkpoint the run names."""
+        replace(self.settings, resume=False).validate()
 
     @property
     def method(self) -> str:
@@ -62,7 +88,9 @@ class RunRequest:
 
 
 def format_number(value: float) -> str:
-    """Short, file-name-safe numbers: 0.1 -> "0.1", 0.001 -> "1e-3", 3 -> "3"."""
+    """Short, file-name-safe numbers: 0.1 -> "0.1", 0.001 -> "1e-3", 3 -> "3" (nan, inf as they are)."""
+    if not math.isfinite(value):
+        return str(value)
     if value != 0 and not 1e-2 <= abs(value) < 1e4:
         mantissa, exponent = f"{value:e}".split("e")
         return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
@@ -78,22 +106,46 @@ def output_name(method: str, concept_slug: str, hyperparameters: dict[str, float
 def _hyperparameters(settings: TrainingSettings) -> dict[str, float]:
     """The settings a run's file names show (``lr`` already resolved)."""
     if isinstance(settings, SepCESettings):
-        return {"lr": settings.lr, "beta": settings.beta, "lam": settings.lam, "tau": settings.tau}
-    if isinstance(settings, ESDSettings):
-        return {"lr": settings.lr, "iter": settings.iterations, "sg": settings.start_guidance,
-                "ng": settings.negative_guidance}
-    return {"lr": settings.lr, "lam": settings.lam, "tau": settings.tau}
+        shown = {"lr": settings.lr, "beta": settings.beta, "lam": settings.lam, "tau": settings.tau}
+    elif isinstance(settings, ESDSettings):
+        shown = {"lr": settings.lr, "iter": settings.iterations, "sg": settings.start_guidance,
+                 "ng": settings.negative_guidance}
+    else:
+        shown = {"lr": settings.lr, "lam": settings.lam, "tau": settings.tau}
+    return {**shown, "seed": settings.seed}
+
+
+def _resolved(path: str | Path | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+def run_record(request: RunRequest, lr: float) -> dict[str, Any]:
+    """Everything that decides a run's result: method, concepts, settings, protected prompts, model
+    files, training images and precision (the devices do not: METHOD.md's global batch is split)."""
+    return {
+        "method": request.method,
+        "concepts": list(request.concepts),
+        "settings": replace(request.settings, lr=lr).result_settings(),
+        "protect": list(request.protect),
+        "config_path": _resolved(request.config_path),
+        "ckpt_path": _resolved(request.ckpt_path),
+        "use_ema": request.use_ema,
+        "data_dir": _resolved(request.data_dir),
+        "precision": request.precision,
+    }
 
 
 def result_files(request: RunRequest, lr: float) -> tuple[dict[str, Path], Path]:
-    """The result file of every concept and the run's stem (checkpoint and report files)."""
+    """The result file of every concept and the run's stem (checkpoint, lock and report files)."""
     hyper = _hyperparameters(replace(request.settings, lr=lr))
+    record = json.dumps(run_record(request, lr), sort_keys=True, default=str)
+    digest = hashlib.sha256(record.encode()).hexdigest()[:8]
     files = {
-        concept: request.output_dir / f"{output_name(request.method, slugify(concept), hyper)}.safetensors"
+        concept: request.output_dir / f"{output_name(request.method, slugify(concept), hyper)}-{digest}.safetensors"
         for concept in request.concepts
     }
     joined = "+".join(slugify(concept) for concept in request.concepts)
-    return files, request.output_dir / output_name(request.method, joined, hyper)
+    return files, request.output_dir / f"{output_name(request.method, joined, hyper)}-{digest}"
 
 
 def default_lr(request: RunRequest, world: str) -> float:
@@ -101,10 +153,49 @@ def default_lr(request: RunRequest, world: str) -> float:
     return request.settings.with_lr(request.settings.method_family, world).lr
 
 
-def prepare_outputs(fabric: Fabric, outputs: Sequence[Path], checkpoint: Path, request: RunRequest) -> None:
-    """Refuse existing outputs (unless overwrite) and a stale checkpoint (unless resume/overwrite)."""
+def check_inputs_and_outputs(outputs: Sequence[Path], request: RunRequest) -> None:
+    """Everything about files that can be checked before the model is loaded: the outputs (absent
+    unless overwrite, folders writable or creatable), the image cache, the training-image folders."""
+    check_distinct_names(request.concepts)
+    if not isinstance(request.settings, SepCESettings) and len(request.concepts) != 1:
+        raise TrainingSetupError(f"{request.method} erases one concept per run; got {list(request.concepts)}.")
+    check_folder_writable(request.output_dir)
     for path in outputs:
         check_writable(path, request.overwrite)
+    if isinstance(request.settings, ESDSettings):
+        return
+    if request.data_dir is None:
+        check_folder_writable(generated_root(request.cache_dir), "Image cache folder (--cache_dir)")
+    else:
+        for concept in request.concepts:
+            list_images(concept_folder(request.data_dir, concept))
+
+
+@contextmanager
+def output_lock(fabric: Fabric, stem: Path) -> Iterator[None]:
+    """Rank 0 holds ``{stem}.lock`` for the block; every rank stops with rank 0's error if it cannot."""
+    with ExitStack() as stack:
+        refusal = ""
+        if fabric.global_rank == 0:
+            try:
+                stack.enter_context(run_lock(stem))
+            except ErasureError as error:
+                refusal = str(error)
+        if fabric.world_size > 1:
+            refusal = fabric.broadcast(refusal, src=0)
+        if refusal:
+            raise TrainingSetupError(refusal)
+        yield
+
+
+def prepare_outputs(fabric: Fabric, outputs: Sequence[Path], checkpoint: Path, request: RunRequest) -> None:
+    """Refuse existing outputs (unless overwrite) and a stale checkpoint (unless resume/overwrite);
+    remove the temporary files of killed saves in the output folder. Called under the run's lock:
+    the outputs are checked again, as a run that held the lock may have written them meanwhile."""
+    check_inputs_and_outputs(outputs, request)
+    if fabric.global_rank == 0:
+        for leftover in remove_stale_temporaries(request.output_dir):
+            print(f"Removed {leftover}, left behind by a killed save.", file=sys.stderr, flush=True)
     resume = request.settings.resume
     if resume and not checkpoint.is_file():
         raise TrainingSetupError(f"--resume: there is no checkpoint {checkpoint}; run without --resume.")
@@ -120,14 +211,12 @@ def prepare_outputs(fabric: Fabric, outputs: Sequence[Path], checkpoint: Path, r
 
 
 def _train(model: Any, request: RunRequest, settings: TrainingSettings, fabric: Fabric) -> list[Edit]:
-    images = request.data_dir
+    images, cache = request.data_dir, request.cache_dir
     if isinstance(settings, SepCESettings):
         return list(train_sepce(model, request.concepts, protect=request.protect, settings=settings, fabric=fabric,
-                                images=images))
-    if len(request.concepts) != 1:
-        raise TrainingSetupError(f"{request.method} erases one concept per run; got {list(request.concepts)}.")
+                                images=images, cache_dir=cache))
     if isinstance(settings, CiESettings):
-        return [train_cie(model, request.concepts[0], settings=settings, fabric=fabric, images=images)]
+        return [train_cie(model, request.concepts[0], settings=settings, fabric=fabric, images=images, cache_dir=cache)]
     return [train_esd(model, request.concepts[0], settings=settings, fabric=fabric)]
 
 
@@ -137,18 +226,46 @@ def _json_number(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def needed_bytes(model: Any, request: RunRequest) -> int:
+    """An upper bound of the bytes a run writes into ``output_dir``: its results (float32 trained
+    tensors; a SepCE increment's coefficients are at most its layers' width), the checkpoints
+    (``CHECKPOINT_COPIES``) and the report."""
+    settings = request.settings
+    if isinstance(settings, SepCESettings):
+        per_concept = sum(layer.weight.numel() for layer in cross_attention_kv(model).values())
+        trained = per_concept * len(request.concepts)
+    elif isinstance(settings, ESDSettings):
+        trained = sum(p.numel() for p in TRAINED_SETS[settings.train_method](model).values())
+    else:
+        trained = sum(p.numel() for p in cross_attention_parameters(model).values())
+    copies = 1 + (CHECKPOINT_COPIES if settings.save_every else 0)
+    return 4 * trained * copies + REPORT_BYTES
+
+
 def run_training(fabric: Fabric, request: RunRequest) -> dict[str, Any]:
     """One training run in this process (see the module docstring); returns the summary."""
     started = time.perf_counter()
-    request.settings.validate()
-    say = print if fabric.global_rank == 0 else (lambda *args, **kwargs: None)
+    request.validate()
     world = world_from_config_file(request.config_path or TOY_CONFIG)  # outputs are checked before loading
     lr = default_lr(request, world.name)
     files, stem = result_files(request, lr)
-    checkpoint = stem.with_name(stem.name + CHECKPOINT_SUFFIX)
     report = request.report and world.classifier is not None
-    prepare_outputs(fabric, [*files.values(), *(report_paths(stem) if report else ())], checkpoint, request)
+    outputs = [*files.values(), *(report_paths(stem) if report else ())]
+    check_inputs_and_outputs(outputs, request)
+    with output_lock(fabric, stem):
+        return _locked_run(fabric, request, world, lr, files, stem, outputs, started)
+
+
+def _locked_run(
+    fabric: Fabric, request: RunRequest, world: Any, lr: float, files: dict[str, Path], stem: Path,
+    outputs: list[Path], started: float,
+) -> dict[str, Any]:
+    say = print if fabric.global_rank == 0 else (lambda *args, **kwargs: None)
+    checkpoint = stem.with_name(stem.name + CHECKPOINT_SUFFIX)
+    report = len(outputs) > len(files)
+    prepare_outputs(fabric, outputs, checkpoint, request)
     model = load_model(request.config_path, request.ckpt_path, use_ema=request.use_ema, verbose=fabric.global_rank == 0)
+    check_free_space(request.output_dir, needed_bytes(model, request), "The results and checkpoints of this run")
     model.to(fabric.device)
     say(f"Training on {fabric.device} in {fabric.world_size} process(es).", flush=True)
     settings = replace(request.settings, lr=lr, checkpoint=checkpoint)

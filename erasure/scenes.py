@@ -1,15 +1,24 @@
-"""The paper's erase/restore scenes (METHOD.md §4): timelines, composing the model at every step,
-and the per-step table.
+"""The paper's erase/restore scenes (METHOD.md §4): timelines, which increments a protocol trains
+when, composing the model at every step, and sampling every class after each step.
 
 A timeline is a list of time steps; each step erases some concepts and restores (brings back)
 some earlier-erased ones. Concepts are indices into an ordered concept list (c0..c8). At each
-step every concept has a role: ``erased`` (erased now), ``restored`` (erased at an earlier step,
-back now) or ``regular`` (never erased so far; the blank class is always regular).
+step every concept has a role: ``erased`` (erased now; the paper's "forgotten"), ``restored``
+(erased at an earlier step, back now; "recovered") or ``regular`` (never erased so far; the
+blank class is always regular).
+
+Protocols (which SepCE increments exist and what each protects, METHOD.md §2 and §4):
+- ``paper``: a concept's increment is trained at the step it is first erased, jointly with the
+  other concepts first erased then, and protects ``""``, the watermark prompt and every concept
+  erased or restored so far (including the others erased with it). It is never recomputed:
+  re-erasing a restored concept reuses it, and a concept erased later is NOT protected by it, so
+  restoring that later concept is not exact, and regular concepts are not protected at all.
+- ``protect_all`` (our extension): every increment is trained at the start and protects ``""``,
+  the watermark prompt and every other concept of the scene, so restores are exact and regular
+  concepts unchanged by construction; possible only while they all fit in the null space.
 
 Composing follows the timeline on ONE model, in place:
-- SepCE (``IncrementEdits``): erase = attach the concept's increment, restore = drop it. Every
-  increment protects the other concepts, so a restore is exact: the restored concept's keys and
-  values are the original ones, whatever else stays erased.
+- SepCE (``IncrementEdits``): erase = attach the concept's increment, restore = drop it.
 - Baselines (``WeightDifferenceEdits``, CiE / ESD): erase = add the concept's weight difference,
   restore = subtract it (as the paper merges baselines). The remaining differences still touch
   the restored concept, which is what the scenes show.
@@ -17,13 +26,10 @@ Composing follows the timeline on ONE model, in place:
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -34,9 +40,8 @@ from erasure.errors import SceneError
 from erasure.increments import Increment
 from erasure.loading import model_fingerprint
 from erasure.evaluation import evaluate
-from erasure.metrics import ConceptEvaluator, ConceptMetrics
-from erasure.grids import labelled_grid
-from erasure.tables import LEFT, RIGHT, markdown_table
+from erasure.metrics import ConceptEvaluator
+from erasure.scene_tables import ERASED, EXACT, REGULAR, RESTORED, SceneResult, SceneRow
 from erasure.weight_differences import (
     WeightDifference,
     apply_weight_difference,
@@ -44,10 +49,10 @@ from erasure.weight_differences import (
     check_fits,
 )
 
-ERASED, RESTORED, REGULAR = "erased", "restored", "regular"
-ROLES = (ERASED, RESTORED, REGULAR)
 #: What a scene measures per class and step (METHOD.md §4, as the paper's Table 2).
 SCENE_METRICS = ("acc", "fid", "lpips")
+PAPER, PROTECT_ALL = "paper", "protect_all"
+PROTOCOLS = (PAPER, PROTECT_ALL)
 #: The paper's nine artists in METHOD.md §4's concept order c0..c8 (not the classifier's class order).
 SD_SCENE_ARTISTS: tuple[str, ...] = (
     "Cezanne", "Van Gogh", "Picasso", "Jackson Pollock", "Caravaggio", "Keith Haring", "Kelly McKernan",
@@ -88,6 +93,7 @@ class Timeline:
         if len(set(labels)) != len(labels):
             raise SceneError(f"{self.name}: time-step labels must be unique, got {labels}.")
         erased: set[int] = set()
+        ever: set[int] = set()
         for step in self.steps:
             indices = step.erase + step.restore
             if not indices:
@@ -96,13 +102,26 @@ class Timeline:
                 raise SceneError(f"{self.name} {step.label}: concept indices must be integers >= 0, got {indices}.")
             if len(set(indices)) != len(indices):
                 raise SceneError(f"{self.name} {step.label}: a concept appears twice in one step ({indices}).")
+            never = [index for index in step.restore if index not in ever]
+            if never:
+                raise SceneError(
+                    f"{self.name} {step.label}: cannot restore c{never[0]}, it was never erased; erase it at an "
+                    f"earlier step or drop the restore."
+                )
             not_erased = [index for index in step.restore if index not in erased]
             if not_erased:
-                raise SceneError(f"{self.name} {step.label}: cannot restore c{not_erased[0]}, it is not erased then.")
+                raise SceneError(
+                    f"{self.name} {step.label}: cannot restore c{not_erased[0]}, it was restored already and is not "
+                    f"erased then; erase it again first."
+                )
             again = [index for index in step.erase if index in erased]
             if again:
-                raise SceneError(f"{self.name} {step.label}: c{again[0]} is erased already; restore it first.")
+                raise SceneError(
+                    f"{self.name} {step.label}: c{again[0]} is erased already (twice without a restore); restore it "
+                    f"at an earlier step or drop this erase."
+                )
             erased = (erased - set(step.restore)) | set(step.erase)
+            ever |= erased
 
     @property
     def concepts_needed(self) -> int:
@@ -153,6 +172,38 @@ SCENES: dict[int, Timeline] = {
         ),
     ),
 }
+
+
+# ------------------------------------------------------------------------------- protocols
+@dataclass(frozen=True)
+class TrainingGroup:
+    """Concepts whose SepCE increments are trained together at ``step``; each protects ``""``, the
+    watermark prompt, the other concepts of the group and ``protected`` (concept indices)."""
+
+    step: str
+    concepts: tuple[int, ...]
+    protected: tuple[int, ...]
+
+    def protected_prompts(self, index: int, concepts: Sequence[str]) -> list[str]:
+        """The concept prompts that concept ``index``'s increment protects (besides "" and the watermark)."""
+        return [concepts[i] for i in (*self.concepts, *self.protected) if i != index]
+
+
+def training_plan(timeline: Timeline, protocol: str, num_concepts: int) -> list[TrainingGroup]:
+    """Which increments ``protocol`` trains at which step (module docstring: the two protocols)."""
+    if protocol not in PROTOCOLS:
+        raise SceneError(f"Unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
+    if protocol == PROTECT_ALL:
+        erased = timeline.erased_concepts
+        rest = tuple(index for index in range(num_concepts) if index not in erased)
+        return [TrainingGroup(timeline.steps[0].label, erased, rest)]
+    groups, ever = [], ()
+    for step in timeline.steps:
+        new = tuple(index for index in step.erase if index not in ever)
+        if new:
+            groups.append(TrainingGroup(step.label, new, ever))
+            ever = (*ever, *new)
+    return groups
 
 
 # ------------------------------------------------------------------------------- composing
@@ -281,31 +332,22 @@ def play(timeline: Timeline, concepts: Sequence[str], edits: Edits) -> Iterator[
             edits.restore([concepts[i] for i in erased])
 
 
-# ------------------------------------------------------------------------------- results
+# ------------------------------------------------------------------------------- sampling every class
 @dataclass(frozen=True)
 class EvaluatedClass:
-    """A row of the scene table: display name, prompt and classifier class (None: no ACC)."""
+    """A row of the scene table: a class sampled with one wording set.
+
+    ``concept`` is the concept whose role the row takes ("" for the blank class, always regular);
+    ``wording`` is ``exact`` (the prompt as protected) or ``held-out`` (wordings never trained or
+    protected, METHOD.md §2); ``prompts[i]`` is sampled with ``seeds[i]``; ``class_index`` None: no ACC.
+    """
 
     name: str
-    prompt: str
+    concept: str
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
     class_index: int | None = None
-
-
-@dataclass
-class SceneRow:
-    step: str
-    role: str
-    metrics: ConceptMetrics
-
-
-@dataclass
-class SceneResult:
-    """Every (step, class) row, and the images of every step (uint8, for the grid)."""
-
-    timeline: Timeline
-    concepts: list[str]
-    rows: list[SceneRow] = field(default_factory=list)
-    images: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    wording: str = EXACT
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -319,120 +361,29 @@ def run_scene(
     edits: Edits,
     classes: Sequence[EvaluatedClass],
     originals: Mapping[str, torch.Tensor],
-    sample: Callable[[str], torch.Tensor],
+    sample: Callable[[Sequence[str], Sequence[int]], torch.Tensor],
     evaluator: ConceptEvaluator,
+    method: str = "",
     announce: Callable[[str], None] = lambda message: None,
 ) -> SceneResult:
     """Play the timeline and, after every step, sample every class and compare it with the original.
 
-    ``sample(prompt)`` gives the edited model's images of a prompt ([0, 1] floats, always the same
-    seeds); ``originals[name]`` are the original model's images of the same seeds (uint8, as read
-    from PNG). Both sides are compared as 8-bit images, so a restored concept that samples the
-    original's pixels scores FID and LPIPS 0. A class whose prompt is not a concept (the blank
-    class) is ``regular``.
+    ``sample(prompts, seeds)`` gives the edited model's images ([0, 1] floats); ``originals[name]``
+    are the original model's images of the same prompts and seeds (uint8, as read from PNG). Both
+    sides are compared as 8-bit images, so a class that samples the original's pixels scores FID
+    and LPIPS 0.
     """
-    result = SceneResult(timeline, list(concepts))
+    result = SceneResult(timeline, list(concepts), method)
     with closing(play(timeline, concepts, edits)) as states:
         for state in states:
-            announce(f"{timeline.name} {state.step.label}: {state.step.describe(concepts)}; erased now: "
+            announce(f"{timeline.name} {method} {state.step.label}: {state.step.describe(concepts)}; erased now: "
                      f"{list(state.erased) or 'none'}")
             result.images[state.step.label] = {}
             for evaluated in classes:
-                images = to_uint8(sample(evaluated.prompt))
+                images = to_uint8(sample(evaluated.prompts, evaluated.seeds))
                 result.images[state.step.label][evaluated.name] = images
                 metrics = evaluate(originals[evaluated.name], images, concept=evaluated.name,
                                    class_index=evaluated.class_index, metrics=SCENE_METRICS, evaluator=evaluator)
-                result.rows.append(SceneRow(state.step.label, state.roles.get(evaluated.prompt, REGULAR), metrics))
+                role = state.roles.get(evaluated.concept, REGULAR)
+                result.rows.append(SceneRow(state.step.label, role, metrics, evaluated.wording, evaluated.concept))
     return result
-
-
-CSV_COLUMNS = ("step", "concept", "role", "class_index", "images", "fid", "lpips", "acc", "acc_original")
-
-
-def _number(value: float | None, digits: str) -> str:
-    if value is None:
-        return ""
-    return "nan" if not math.isfinite(value) else format(value, digits)
-
-
-def scene_csv(result: SceneResult) -> str:
-    """One line per (step, class): role, FID, LPIPS, ACC (fraction) and the original's ACC."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for row in result.rows:
-        m = row.metrics
-        writer.writerow(
-            [row.step, m.concept, row.role, "" if m.class_index is None else m.class_index, m.images,
-             _number(m.fid, ".6g"), _number(m.lpips, ".6g"), _number(m.acc, ".4f"), _number(m.acc_original, ".4f")]
-        )
-    return buffer.getvalue()
-
-
-def scene_markdown(result: SceneResult, extractors: Mapping[str, str]) -> str:
-    """Per step a heading (what it changes) and a table: class, role, FID, ACC (%), original ACC, LPIPS."""
-    lines = [f"## {result.timeline.name}", ""]
-    for step in result.timeline.steps:
-        lines += [f"### {step.label}: {step.describe(result.concepts)}", ""]
-        rows = []
-        for row in (row for row in result.rows if row.step == step.label):
-            m = row.metrics
-            acc = "-" if m.acc is None else f"{100 * m.acc:.1f}"
-            original = "-" if m.acc_original is None else f"{100 * m.acc_original:.1f}"
-            rows.append([m.concept, row.role, _number(m.fid, ".3f") or "-", acc, original, _number(m.lpips, ".3f") or "-"])
-        headers = ["concept", "role", "FID", "ACC (%)", "ACC original (%)", "LPIPS"]
-        lines += [markdown_table(headers, rows, [LEFT, LEFT, RIGHT, RIGHT, RIGHT, RIGHT]), ""]
-    lines += [f"- {metric.upper()}: {name}" for metric, name in extractors.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _json_value(value: float | None) -> float | str | None:
-    return value if value is None or math.isfinite(value) else str(value)
-
-
-def scene_record(result: SceneResult) -> dict[str, dict[str, dict[str, Any]]]:
-    """{step: {class name: {role, acc, acc_original, fid, lpips}}} (JSON-ready)."""
-    record: dict[str, dict[str, dict[str, Any]]] = {step.label: {} for step in result.timeline.steps}
-    for row in result.rows:
-        m = row.metrics
-        record[row.step][m.concept] = {
-            "role": row.role, "acc": _json_value(m.acc), "acc_original": _json_value(m.acc_original),
-            "fid": _json_value(m.fid), "lpips": _json_value(m.lpips),
-        }
-    return record
-
-
-def role_summary(result: SceneResult) -> dict[str, float | str | None]:
-    """The numbers the paper's claim is about, over all steps: how low erased ACC goes, how far
-    restored and regular classes stray from the original (None where no row has the role)."""
-
-    def largest(role: str, value: Callable[[ConceptMetrics], float | None]) -> float | str | None:
-        values = [value(row.metrics) for row in result.rows if row.role == role]
-        values = [v for v in values if v is not None]
-        return _json_value(max(values)) if values else None
-
-    def acc_gap(m: ConceptMetrics) -> float | None:
-        return None if m.acc is None else abs(m.acc - m.acc_original)
-
-    return {
-        "erased_acc_max": largest(ERASED, lambda m: m.acc),
-        "restored_acc_gap_max": largest(RESTORED, acc_gap),
-        "restored_fid_max": largest(RESTORED, lambda m: m.fid),
-        "restored_lpips_max": largest(RESTORED, lambda m: m.lpips),
-        "regular_acc_gap_max": largest(REGULAR, acc_gap),
-    }
-
-
-def scene_grid(
-    classes: Sequence[EvaluatedClass],
-    columns: Sequence[Mapping[str, torch.Tensor]],
-    per_cell: int,
-    column_names: Sequence[str],
-) -> torch.Tensor:
-    """One row per class (named at the left); per column block (the original, then each time step,
-    named on top) its first ``per_cell`` images. Same seeds in every block."""
-    if len(column_names) != len(columns):
-        raise SceneError(f"scene_grid: {len(column_names)} column names for {len(columns)} columns; give one each.")
-    rows = [torch.cat([column[evaluated.name][:per_cell] for column in columns]).float() / 255 for evaluated in classes]
-    blocks = [(name, min(per_cell, len(column[classes[0].name]))) for name, column in zip(column_names, columns)]
-    return labelled_grid(rows, [evaluated.name for evaluated in classes], block_labels=blocks)

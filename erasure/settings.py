@@ -26,6 +26,18 @@ DEFAULT_LEARNING_RATES: dict[str, dict[str, float]] = {
 }
 REFERENCE_WORLD = "sd"
 SEPCE_MODES = ("joint", "sequential")
+#: METHOD.md §2 / §6: optimise the CiE loss from zero, solve in closed form, or optimise from the closed form.
+SEPCE_SOLVERS = ("cie", "closed_form", "closed_form+cie")
+#: Kinds of concept with built-in wordings (erasure.wordings).
+CONCEPT_KINDS = ("artist", "object")
+#: METHOD.md §2: the authors' v1 code (one momentum and one L1 term per concept) or the paper's
+#: Eq. 34/37 (one L1 term on the sum of the increments, one weighted momentum for the set).
+JOINT_OBJECTIVES = ("per_concept", "paper")
+#: METHOD.md §2: protected by every SepCE increment so an invisible-watermark prompt keeps its output.
+DEFAULT_WATERMARK_PROMPT = "watermark SRS-ME"
+#: METHOD.md §5: the UNet's timestep for ESD's partial sample; "reference" = ESD's code (a DDPM index
+#: drawn from the DDIM step's 20-step bin), "noise_level" = the DDPM step whose noise z really has.
+ESD_TIMESTEPS = ("reference", "noise_level")
 ESD_TRAIN_METHODS = {"xattn": "esd_x", "noxattn": "esd_u"}
 
 
@@ -93,7 +105,10 @@ TrainingSettingsT = TypeVar("TrainingSettingsT", bound=TrainingSettings)
 class SepCESettings(TrainingSettings):
     """SepCE (METHOD.md §2): increment scale ``beta``, L1 weight ``lam``, null-space tolerance
     ``rtol`` and smallest usable null space ``min_dims``; ``mode`` joint or sequential;
-    ``protect_classes`` None = the model world's default (the toy world protects its other classes)."""
+    ``protect_classes`` None = the model world's default (the toy world protects its other classes);
+    ``watermark_prompt`` is protected by every increment ("" = none); ``joint_objective`` per_concept
+    (default: each concept stops on its own momentum and its L1 term touches only its own increment,
+    so an increment does not depend on which other concepts trained with it) or paper (Eq. 34/37)."""
 
     method_family: ClassVar[str] = "sepce"
 
@@ -103,17 +118,56 @@ class SepCESettings(TrainingSettings):
     min_dims: int = 8
     mode: str = "joint"
     protect_classes: bool | None = None
+    watermark_prompt: str = DEFAULT_WATERMARK_PROMPT
+    joint_objective: str = "per_concept"
+    #: METHOD.md §6: how the coefficients are found (SEPCE_SOLVERS) and the closed form's inputs:
+    #: ridge ``mu`` (relative), ``target`` (replaces the name in every wording; "" removes it), the
+    #: wordings (``concept_templates`` file, else the built-in ones of ``concept_kind``), and the
+    #: approximately protected prompts (``protect_file``, kept at ``protect_energy`` of their energy);
+    #: ``keep_wordings``: the closed form also keeps the protected prompts' wordings as they are (less
+    #: drift on them, weaker erasure of held-out wordings: METHOD.md §6).
+    solver: str = "cie"
+    mu: float = 1.0
+    target: str = ""
+    concept_templates: str | None = None
+    concept_kind: str = "artist"
+    protect_file: str | None = None
+    protect_energy: float = 1.0
+    keep_wordings: bool = False
 
     def validate(self) -> None:
         super().validate()
+        if self.solver not in SEPCE_SOLVERS:
+            raise SettingsError(f"solver (--solver) must be one of {SEPCE_SOLVERS}, got {self.solver!r}.")
+        if not math.isfinite(self.mu) or self.mu <= 0:
+            raise SettingsError(f"mu (--mu) must be a positive finite number, got {self.mu}; 1 is the default.")
+        if self.concept_kind not in CONCEPT_KINDS:
+            raise SettingsError(
+                f"concept_kind (--concept_kind) must be one of {CONCEPT_KINDS}, got {self.concept_kind!r}."
+            )
+        if not 0 < self.protect_energy <= 1:
+            raise SettingsError(
+                f"protect_energy (--protect_energy) must be in (0, 1], got {self.protect_energy}; 1 protects every "
+                f"prompt of --protect_file exactly, 0.999 keeps 99.9% of their energy."
+            )
         if self.mode not in SEPCE_MODES:
             raise SettingsError(f"mode (--mode) must be one of {SEPCE_MODES}, got {self.mode!r}.")
+        if self.joint_objective not in JOINT_OBJECTIVES:
+            raise SettingsError(
+                f"joint_objective (--joint_objective) must be one of {JOINT_OBJECTIVES}, got {self.joint_objective!r}."
+            )
+        if self.joint_objective == "paper" and self.mode == "sequential":
+            raise SettingsError(
+                "joint_objective='paper' couples the concepts trained together; it needs mode='joint' (--mode joint)."
+            )
         if not math.isfinite(self.beta) or self.beta <= 0:
             raise SettingsError(f"beta (--beta) must be a positive finite number, got {self.beta}.")
         if not math.isfinite(self.lam) or self.lam < 0:
             raise SettingsError(f"lam (--lam) must be a finite number >= 0, got {self.lam}.")
         if self.min_dims < 1:
             raise SettingsError(f"min_dims (--min_dims) must be >= 1, got {self.min_dims}.")
+        if not 0 < self.rtol < 1:
+            raise SettingsError(f"rtol (--rtol) must be in (0, 1), got {self.rtol}; the default 1e-6 suits float32.")
 
 
 @dataclass(frozen=True)
@@ -133,8 +187,9 @@ class CiESettings(TrainingSettings):
 @dataclass(frozen=True)
 class ESDSettings(TrainingSettings):
     """ESD (METHOD.md §5): ``train_method`` xattn (ESD-x) or noxattn (ESD-u), the partial DDIM
-    sample's ``ddim_steps`` and ``start_guidance``, the target's ``negative_guidance``. ESD has no
-    stop rule: it runs all ``iterations``."""
+    sample's ``ddim_steps`` and ``start_guidance``, the target's ``negative_guidance``, the UNet's
+    ``timestep`` convention (reference: ESD's, the default; noise_level: the partial sample's true
+    noise level). ESD has no stop rule: it runs all ``iterations``."""
 
     method_family: ClassVar[str] = "esd"
 
@@ -142,6 +197,7 @@ class ESDSettings(TrainingSettings):
     ddim_steps: int = 50
     start_guidance: float = 3.0
     negative_guidance: float = 1.0
+    timestep: str = "reference"
 
     def validate(self) -> None:
         super().validate()
@@ -152,6 +208,11 @@ class ESDSettings(TrainingSettings):
             )
         if self.ddim_steps < 1:
             raise SettingsError(f"ddim_steps (--ddim_steps) must be >= 1, got {self.ddim_steps}.")
+        for name in ("start_guidance", "negative_guidance"):
+            if not math.isfinite(getattr(self, name)):
+                raise SettingsError(f"{name} (--{name}) must be a finite number, got {getattr(self, name)}.")
+        if self.timestep not in ESD_TIMESTEPS:
+            raise SettingsError(f"timestep (--timestep) must be one of {ESD_TIMESTEPS}, got {self.timestep!r}.")
 
     @property
     def method(self) -> str:

@@ -5,7 +5,8 @@ and returns what the method makes: SepCE one ``Increment`` per concept (METHOD.m
 ESD one ``WeightDifference`` (METHOD.md §1, §5). The model is left as it was (SepCE detaches its
 increments, CiE / ESD put the original weights back), so the result is applied explicitly with
 ``erasure.apply``. Training images are an argument (tensors in [0, 1] per concept, or a folder
-``{dir}/{slug}/*.png``) or are generated once by the original model and reused.
+``{dir}/{slug}/*.png``) or are generated once by the original model into ``cache_dir`` (default:
+the per-user cache, ``erasure.trainers.data.default_cache_dir``) and reused.
 
 ``fabric`` (Lightning Fabric) decides processes and devices; without it training runs in this
 process on the model's device. Under several processes every rank calls the function with the
@@ -22,7 +23,9 @@ from lightning_fabric import Fabric
 from torch import nn
 
 from erasure.bases import BLANK_PROMPT, compute_bases, normalise_prompt
-from erasure.increments import Increment, detach
+from erasure.closed_form import solve_sepce
+from erasure.increments import Increment, cross_attention_kv, detach
+from erasure.protection import attach_protection_reports
 from erasure.settings import CiESettings, ESDSettings, SepCESettings, TrainingSettings
 from erasure.trainers.cie import CiETrainer
 from erasure.trainers.data import concept_latents, default_data_dir, ensure_generated, folder_images
@@ -30,6 +33,7 @@ from erasure.trainers.esd import ESDTrainer
 from erasure.trainers.runtime import TrainingSetupError
 from erasure.trainers.sepce import SepCETrainer
 from erasure.weight_differences import WeightDifference
+from erasure.wordings import read_protect_file
 from erasure.worlds import world_of
 
 #: Training images: {concept: images [N, 3, H, W] (uint8, or float in [0, 1])}, or a folder of per-concept folders.
@@ -64,11 +68,16 @@ def _say(fabric: Fabric, message: str) -> None:
 
 
 def training_latents(
-    model: nn.Module, concepts: Sequence[str], settings: TrainingSettings, fabric: Fabric, images: Images | None
+    model: nn.Module,
+    concepts: Sequence[str],
+    settings: TrainingSettings,
+    fabric: Fabric,
+    images: Images | None,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, torch.Tensor]:
     """Latents of every concept's training images: given, read from a folder, or generated once."""
     if images is None:
-        folder = default_data_dir(model)
+        folder = default_data_dir(model, cache_dir)
         ensure_generated(
             model, concepts, folder, settings.num_images, fabric.global_rank, fabric.world_size, fabric.barrier,
             lambda message: _say(fabric, message),
@@ -80,7 +89,8 @@ def training_latents(
 
 
 def protected_prompts(model: nn.Module, concepts: Sequence[str], protect: Sequence[str], settings: SepCESettings) -> list[str]:
-    """``protect`` plus, when class protection is on, the model world's other class prompts.
+    """The watermark prompt (METHOD.md §2; none when ``settings.watermark_prompt`` is ""), ``protect``
+    and, when class protection is on, the model world's other class prompts.
 
     Class protection (``settings.protect_classes``; None = the world's default) protects the
     world's other evaluation classes, METHOD.md §2's "known concepts": on by default for the toy
@@ -88,9 +98,10 @@ def protected_prompts(model: nn.Module, concepts: Sequence[str], protect: Sequen
     only about nine prompts (METHOD.md §2, capacity).
     """
     world = world_of(model)
+    protect = [settings.watermark_prompt, *protect] if settings.watermark_prompt else list(protect)
     enabled = world.protect_classes if settings.protect_classes is None else settings.protect_classes
     if not enabled:
-        return list(protect)
+        return protect
     taken = {normalise_prompt(prompt) for prompt in [*concepts, *protect, BLANK_PROMPT]}
     return [*protect, *(prompt for prompt in world.class_prompts if normalise_prompt(prompt) not in taken)]
 
@@ -103,12 +114,17 @@ def train_sepce(
     settings: SepCESettings = SepCESettings(),
     fabric: Fabric | None = None,
     images: Images | None = None,
+    cache_dir: str | Path | None = None,
 ) -> list[Increment]:
     """Train one separable increment per concept (METHOD.md §2); returns them in ``concepts`` order.
 
     Every increment leaves the keys and values of ``""``, of the other concepts (joint and
-    sequential modes protect the same set), of ``protect`` and (see ``protected_prompts``) of the
-    world's other classes unchanged.
+    sequential modes use the same bases, METHOD.md §2), of the watermark prompt, of ``protect``
+    and (see ``protected_prompts``) of the world's other classes unchanged. ``settings.solver``:
+    "cie" trains the CiE loss from zero, "closed_form" solves over the concept's wordings (METHOD.md
+    §6; no images, no UNet call), "closed_form+cie" trains from the closed form. The prompts of
+    ``settings.protect_file`` are protected at ``settings.protect_energy`` (METHOD.md §6); every
+    increment records each protected prompt's relative K/V change (``erasure.protection``).
     """
     if isinstance(concepts, str):
         raise TypeError(f"concepts must be a list of strings, got the string {concepts!r}; wrap it in a list.")
@@ -116,20 +132,40 @@ def train_sepce(
     fabric = _fabric_for(model, fabric)
     settings = settings.with_lr("sepce", world_of(model).name)
     protected = protected_prompts(model, concepts, protect, settings)
+    approximate = read_protect_file(settings.protect_file) if settings.protect_file else []
     bases = compute_bases(
         model, list(concepts), protected, rtol=settings.rtol, min_dims=settings.min_dims,
-        sequential=settings.mode == "sequential",
+        approximate=approximate, energy=settings.protect_energy,
     )
     for concept, basis in bases.items():
         _say(fabric, f"Basis of {concept!r}: {basis.dims} dimensions, protects {len(basis.protected_prompts)} prompts.")
-    latents = training_latents(model, concepts, settings, fabric, images)
-    trainer = SepCETrainer(model, fabric, bases, latents, settings)
-    try:
-        trainer.fit()
-        increments = trainer.increments()
-    finally:
-        detach(model, list(bases))
-    return [increments[concept] for concept in concepts]
+    start = solve_sepce(model, bases, settings) if settings.solver != "cie" else {}
+    if settings.solver == "closed_form":
+        increments = start
+    else:
+        latents = training_latents(model, concepts, settings, fabric, images, cache_dir)
+        trainer = SepCETrainer(model, fabric, bases, latents, settings)
+        try:
+            _start_from(model, start)
+            trainer.fit()
+            increments = trainer.increments()
+        finally:
+            detach(model, list(bases))
+        for concept, increment in start.items():
+            increments[concept].metadata["closed_form"] = increment.metadata["closed_form"]
+    result = [increments[concept] for concept in concepts]
+    attach_protection_reports(model, result)
+    return result
+
+
+def _start_from(model: nn.Module, start: Mapping[str, Increment]) -> None:
+    """Set the attached (zero) coefficients of every concept of ``start`` to its closed-form ones
+    (``--solver closed_form+cie``: the CiE optimisation starts from the closed form)."""
+    with torch.no_grad():
+        for name, layer in cross_attention_kv(model).items():
+            for increment in start.values():
+                coefficient = layer.increments[increment.name].coeff
+                coefficient.copy_(increment.coeffs[name].to(coefficient))
 
 
 def train_cie(
@@ -139,12 +175,13 @@ def train_cie(
     settings: CiESettings = CiESettings(),
     fabric: Fabric | None = None,
     images: Images | None = None,
+    cache_dir: str | Path | None = None,
 ) -> WeightDifference:
     """CiE on every attn2 weight for one concept (METHOD.md §1); returns the weight difference."""
     settings.validate()
     fabric = _fabric_for(model, fabric)
     settings = settings.with_lr("cie", world_of(model).name)
-    latents = training_latents(model, [concept], settings, fabric, images)[concept]
+    latents = training_latents(model, [concept], settings, fabric, images, cache_dir)[concept]
     trainer = CiETrainer(model, fabric, concept, latents, settings)
     try:
         trainer.fit()

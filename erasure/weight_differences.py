@@ -48,11 +48,7 @@ class WeightDifference:
             raise WeightDifferenceError(
                 f"Set the weight difference's method and concept before saving (got {self.method!r}, {self.concept!r})."
             )
-        bad = [key for key, delta in self.deltas.items() if not torch.isfinite(delta).all()]
-        if bad:
-            raise WeightDifferenceError(
-                f"{self.describe()} has NaN/inf in {bad[0]}; training diverged, keep the last good checkpoint."
-            )
+        _check_finite(self.deltas, self.describe())
         header = {
             "method": self.method,
             "concept": self.concept,
@@ -65,7 +61,7 @@ class WeightDifference:
 
     @classmethod
     def load(cls, path: str | Path) -> WeightDifference:
-        """A weight-difference file written by ``save`` (its tensors checked finite)."""
+        """A weight-difference file written by ``save`` (``read_tensors`` refuses non-finite tensors)."""
         path = Path(path)
         tensors, header = read_tensors(path, WEIGHT_DIFFERENCE_KIND)
         try:
@@ -75,10 +71,16 @@ class WeightDifference:
             raise WeightDifferenceError(
                 f"{path}: weight-difference file lacks {error}; the file is corrupted, re-save it."
             ) from error
-        bad = [key for key, delta in deltas.items() if not torch.isfinite(delta).all()]
-        if bad:
-            raise WeightDifferenceError(f"{path}: {bad[0]} holds NaN/inf values; the file is corrupted.")
         return difference
+
+
+def _check_finite(deltas: Mapping[str, torch.Tensor], what: str) -> None:
+    bad = [key for key, delta in deltas.items() if not torch.isfinite(delta).all()]
+    if bad:
+        raise WeightDifferenceError(
+            f"{what} has NaN/inf in {bad[0]}; training diverged. Train again with a lower lr (a resumable run keeps "
+            f"its last good checkpoint)."
+        )
 
 
 def weight_difference(
@@ -113,6 +115,7 @@ def weight_difference(
         deltas[key] = after.detach().to("cpu", torch.float32) - before.detach().to("cpu", torch.float32)
     if not deltas:
         raise ValueError("trained equals original: no weight changed, so there is no difference to store.")
+    _check_finite(deltas, f"The weight difference of {method or 'a run'}/{concept!r}")
     return WeightDifference(method, concept, deltas, dict(metadata or {}))
 
 

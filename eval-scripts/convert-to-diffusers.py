@@ -3,7 +3,7 @@
 Full export (default): a folder that ``StableDiffusionPipeline.from_pretrained(folder)`` loads.
 ``--unet_only``: a folder that ``UNet2DConditionModel.from_pretrained(folder)`` loads
 (config.json + diffusion_pytorch_model.safetensors); the only choice for the toy model, whose
-first stage is not a KL autoencoder.
+first stage is not a KL autoencoder. It needs no text tokenizer (nothing from the Hugging Face Hub).
 ``--apply``: increment / weight-difference files folded into the exported weights (the files
 are checked against the model first).
 Either folder also holds ``erasure_provenance.json``: the base model's fingerprint, every
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     edits = [load_edit(path) for path in args.apply]
-    model = load_model_from_args(args)
+    model = load_model_from_args(args, needs_tokenizer=not args.unet_only)
     written = export_diffusers(model, args.dump_path, unet_only=args.unet_only, overwrite=args.overwrite, edits=edits)
     kind = "UNet2DConditionModel" if args.unet_only else "StableDiffusionPipeline"
     applied = ", ".join(edit.describe() for edit in edits) or "no edits"

@@ -80,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("pass either --mapping or --original/--erased/--concept[/--class], not both")
     if args.mapping is None and any(value is None for value in single):
         parser.error("pass --original, --erased and --concept (or --mapping for several concepts)")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if not 0 <= args.nudenet_threshold <= 1:
+        parser.error(f"--nudenet_threshold must be a score in [0, 1], got {args.nudenet_threshold}")
     return args
 
 
@@ -101,6 +105,11 @@ def read_concepts(args: argparse.Namespace) -> list[dict]:
         unknown = set(entry) - {"concept", "original", "erased", "class"}
         if unknown:
             raise MetricsError(f"--mapping {args.mapping} entry {number} has unknown keys {sorted(unknown)}.")
+        not_text = [key for key in ("concept", "original", "erased") if not isinstance(entry[key], str)]
+        if not_text:
+            raise MetricsError(
+                f"--mapping {args.mapping} entry {number}: {not_text} must be strings (a name and two folder paths)."
+            )
         base = args.mapping.parent
         concepts.append({**entry, "original": base / entry["original"], "erased": base / entry["erased"],
                          "class": entry.get("class")})

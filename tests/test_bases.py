@@ -112,7 +112,8 @@ def test_capacity_error_says_how_many_prompts_fit(wide_model: nn.Module) -> None
     with pytest.raises(CapacityError) as error:
         compute_basis(wide_model, "van gogh", FILLERS[:7], min_dims=8)
     message = str(error.value)
-    assert "d=64" in message and "rank 57" in message and "about 6 protected prompt(s)" in message
+    assert "d=64" in message and "rank 57" in message and "6 of the 7 prompts besides \"\" fit" in message
+    assert "Drop the last 1 ('a clock')" in message
     assert "7 dimension(s)" in message
 
 

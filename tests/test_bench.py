@@ -324,3 +324,51 @@ def test_sd_gpu_fails_clearly_without_checkpoint_or_gpu(
 def test_build_model_loads_the_shipped_toy_model(common: ModuleType) -> None:
     model = common.build_model("toy", torch.device("cpu"))
     assert model.ldm_config.world.name == "toy" and not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_time_to_erase_closed_form_needs_no_images_or_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    if not (REPO_ROOT / "models" / "toy" / "model.safetensors").is_file():
+        pytest.skip("the toy model is not trained yet")
+    record = run_bench("time_to_erase", ["--quick", "--methods", "closed_form", "--samples", "2"], capsys)
+    run = record["runs"]["closed_form"]
+    assert run["steps"] == 0 and run["data_s"] == 0 and run["total_s"] == run["train_s"] < 60
+    assert run["others_pixel_change"] < 1e-5  # "" and the other artists are exactly protected
+    assert set(record["wordings_before"]) == {"training", "held_out"}
+
+
+def test_closed_form_scale_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    if not (REPO_ROOT / "models" / "toy" / "model.safetensors").is_file():
+        pytest.skip("the toy model is not trained yet")
+    record = run_bench("closed_form_scale", ["--quick", "--no_step"], capsys)
+    rows = {row["concepts"]: row for row in record["rows"]}
+    assert set(rows) == {1, 3} and all(row["solve_s"] > 0 and row["basis_s"] > 0 for row in rows.values())
+    # with 3 concepts each also protects the other two (approximately): fewer null-space dimensions
+    assert rows[3]["dims_max"] < rows[1]["dims_min"]
+    assert rows[1]["optimiser_step_s"] is None
+
+
+def test_concept_names_are_distinct_toy_words() -> None:
+    bench = load_bench("closed_form_scale")
+    names = bench.concept_names(100)
+    assert len(set(names)) == 100 and all(len(name.split()) == 4 for name in names)
+    with pytest.raises(ValueError, match="At most 144"):  # 9 artists x 4 colours x 4 objects
+        bench.concept_names(145)
+
+
+@pytest.mark.slow
+def test_wordings_quick_on_the_toy_model(capsys: pytest.CaptureFixture[str]) -> None:
+    if not (REPO_ROOT / "models" / "toy" / "model.safetensors").is_file():
+        pytest.skip("the toy model is not trained yet")
+    record = run_bench("wordings", ["--quick", "--cases", "artist", "joint"], capsys)
+    rows = {(row["case"], row["what"]): row for row in record["results"]}
+    assert rows["artist", "other artists' bare names"]["pixel_max"] < 1e-5  # exactly protected
+    restored = [row for (case, what), row in rows.items() if what.endswith("restored alone")]
+    assert restored and all(row["pixel_max"] < 1e-5 for row in restored)  # restoring one is exact
+
+
+def test_wording_rows_read_colour_and_object_words() -> None:
+    bench = load_bench("wordings")
+    row = bench.row("a red circle by tamsin brack", "tamsin brack", 8_000_000)
+    assert (row.class_id, row.colour, row.obj, row.seed) == (2, 0, 0, 8_000_000)
+    assert bench.row("vela quorin", "vela quorin", 1).obj is None

@@ -14,15 +14,19 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import CLIPTextConfig
 from wide_tiny_model import build_wide_tiny_model, write_wide_tiny_config
 
 from erasure.bases import compute_basis
+from erasure.cli import EXIT_BAD_INPUT, run_script
 from erasure.convert import PROVENANCE_NAME, ExportError, export_diffusers, to_diffusers_scheduler
 from erasure.files import ErasureFileError, atomic_directory
 from erasure.increments import Increment, compose, cross_attention_kv, slugify
+from erasure.errors import ModelLoadError
 from erasure.loading import load_model, model_fingerprint
 from erasure.weight_differences import WeightDifference
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.modules.encoders import modules as encoder_modules
 from ldm.util import instantiate_from_config
 
 PROMPT = "a painting of the sea"
@@ -135,12 +139,19 @@ def provenance(folder: Path) -> dict:
     return json.loads((folder / PROVENANCE_NAME).read_text())
 
 
-def unet_gap(unet: UNet2DConditionModel, model: nn.Module, shape: tuple[int, ...] = LATENT_SHAPE) -> float:
+def unet_gap(
+    unet: UNet2DConditionModel,
+    model: nn.Module,
+    shape: tuple[int, ...] = LATENT_SHAPE,
+    context: torch.Tensor | None = None,
+) -> float:
+    """Largest difference of the two UNets' outputs on two inputs (conditioned on PROMPT and "" unless ``context``)."""
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn((2, *shape), generator=generator)
     timesteps = torch.tensor([10, 700])
     with torch.no_grad():
-        context = model.get_learned_conditioning([PROMPT, ""])
+        if context is None:
+            context = model.get_learned_conditioning([PROMPT, ""])
         theirs = unet(latents, timesteps, encoder_hidden_states=context).sample
         ours = model.apply_model(latents, timesteps, context)
     return (theirs - ours).abs().max().item()
@@ -366,3 +377,61 @@ def test_sd_v1_layout_exports_part_by_part(tiny_clip_dir: Path, tmp_path: Path) 
         theirs_text = pipeline.text_encoder(tokens)[0]
         assert (theirs_image - model.decode_first_stage(latents)).abs().max() < TOLERANCE
         assert (theirs_text - model.get_learned_conditioning([PROMPT])).abs().max() < TOLERANCE
+
+
+# --------------------------------------------------------------------------- without the Hugging Face Hub
+HUB_ONLY_CLIP = "test-owner/tiny-clip"  # a Hub name no cache holds; its architecture is made known below
+TEXT_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@pytest.fixture
+def hub_only_flags(tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Loader flags of a tiny model whose text encoder is a Hub name, with the Hub switched off.
+
+    ldm knows the text model's architecture (as it knows SD v1's CLIP ViT-L/14), so only the
+    tokenizer would need the Hub, like SD v1.4 on a machine that never downloaded its tokenizer.
+    """
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("transformers.utils.hub._is_offline_mode", True)
+    known = CLIPTextConfig.from_pretrained(tiny_clip_dir).to_dict()
+    architecture = {key: known[key] for key in TEXT_CONFIG_KEYS}
+    monkeypatch.setitem(encoder_modules._KNOWN_TEXT_CONFIGS, HUB_ONLY_CLIP, architecture)
+    config = tiny_model_config(tiny_clip_dir)
+    config.params.cond_stage_config.params.version = HUB_ONLY_CLIP
+    return save_model(config, tmp_path / "hub_only")
+
+
+def test_unet_only_export_needs_no_tokenizer(hub_only_flags: list[str], tmp_path: Path) -> None:
+    exported = load_script().main([*hub_only_flags, "--dump_path", str(tmp_path / "unet"), "--unet_only"])
+    model = load_model(hub_only_flags[1], hub_only_flags[3], verbose=False, needs_tokenizer=False)
+    context = torch.randn((2, 16, 32), generator=torch.Generator().manual_seed(2))  # a prompt would need the tokenizer
+    assert unet_gap(unet_from_folder(exported), model, context=context) < TOLERANCE
+
+
+def test_a_tokenizer_out_of_reach_is_one_short_error_naming_the_config_key(
+    hub_only_flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(lambda: load_script().main([*hub_only_flags, "--dump_path", str(tmp_path / "full")]))
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"tokenizer '{HUB_ONLY_CLIP}' (cond_stage_config.params.version in {hub_only_flags[1]})" in lines[0]
+    assert "--local-dir" in lines[0] and "--unet_only" in lines[0]
+    assert not (tmp_path / "full").exists()
+
+    model = load_model(hub_only_flags[1], hub_only_flags[3], verbose=False, needs_tokenizer=False)
+    with pytest.raises(ModelLoadError, match=r"cond_stage_config\.params\.version of the model's config") as error:
+        export_diffusers(model, tmp_path / "full")
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # no chained traceback
+
+
+def test_an_unknown_hub_text_encoder_is_one_error_naming_the_config_key(
+    hub_only_flags: list[str], tmp_path: Path
+) -> None:
+    config = OmegaConf.load(hub_only_flags[1])
+    config.model.params.cond_stage_config.params.version = "test-owner/unknown-clip"
+    OmegaConf.save(config, tmp_path / "unknown.yaml")
+    with pytest.raises(ModelLoadError, match=r"'test-owner/unknown-clip' \(cond_stage_config\.params\.version in "):
+        load_model(tmp_path / "unknown.yaml", hub_only_flags[3], verbose=False, needs_tokenizer=False)

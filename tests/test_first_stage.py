@@ -142,7 +142,7 @@ def test_bad_ddconfig_raises() -> None:
     with pytest.raises(ValueError, match="not divisible"):
         AutoencoderKL(ddconfig={**DDCONFIG, "resolution": 33}, lossconfig=LOSSCONFIG, embed_dim=4)
     with pytest.raises(ValueError, match="attn_type"):
-        AutoencoderKL(ddconfig={**DDCONFIG, "attn_type": "linear"}, lossconfig=LOSSCONFIG, embed_dim=4)
+        AutoencoderKL(ddconfig={**DDCONFIG, "attn_type": "quadratic"}, lossconfig=LOSSCONFIG, embed_dim=4)
 
 
 def test_diagonal_gaussian_matches_torch_distributions() -> None:

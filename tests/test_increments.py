@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -215,7 +216,7 @@ def test_extract_and_file_round_trip(model: nn.Module, increments: list, tmp_pat
     corrupted = dataclasses.replace(source, coeffs={name: coeff.clone() for name, coeff in source.coeffs.items()})
     next(iter(corrupted.coeffs.values()))[0, 0] = float("inf")
     corrupted_path = corrupted.save(tmp_path / "corrupted.safetensors")
-    with pytest.raises(IncrementError, match="NaN/inf"):
+    with pytest.raises(ErasureFileError, match="NaN/inf"):  # files.read_tensors checks every file it reads
         Increment.load(corrupted_path)
     with torch.no_grad():
         next(iter(cross_attention_kv(model).values())).increments["picasso"].coeff[0, 0] = float("nan")
@@ -353,3 +354,13 @@ def test_generate_bases_and_compose_scripts(
     reference = copy.deepcopy(base_model)
     compose(reference, [Increment.load(path) for path in files])
     assert torch.allclose(unet_output(composed, "picasso"), unet_output(reference, "picasso"), atol=1e-6)
+
+
+def test_written_files_get_the_umask_mode_not_0600(tmp_path: Path) -> None:
+    """safetensors creates files readable by their owner only; ours follow the umask like any file."""
+    from erasure.files import write_tensors
+
+    mask = os.umask(0)
+    os.umask(mask)
+    path = write_tensors(tmp_path / "t.safetensors", {"a": torch.zeros(2)}, kind="test", metadata={})
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

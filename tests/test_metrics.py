@@ -97,6 +97,16 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift() -> None:
         frechet_distance(images[:1], images, features)
 
 
+def test_fid_is_clamped_at_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal sets can read slightly negative (the matrix square root's rounding); FID never is."""
+    features = FidFeatures(PooledColour.name, PooledColour())
+    images = random_images(8)
+    monkeypatch.setattr("torchmetrics.image.fid.FrechetInceptionDistance.compute", lambda self: torch.tensor(-3e-4))
+    assert frechet_distance(images, images, features) == 0.0
+    monkeypatch.setattr("torchmetrics.image.fid.FrechetInceptionDistance.compute", lambda self: torch.tensor(2.5))
+    assert frechet_distance(images, images, features) == 2.5
+
+
 def test_world_features_fid_and_distance(empty_hub: Path) -> None:
     features = resolve_fid_features("auto", TOY_WORLD)
     assert features.name == (

@@ -28,12 +28,21 @@ IMPORT_SCOPES: dict[str, tuple[set[str], set[str]]] = {
     "train-scripts": ({"core"}, {"core", "eval"}),
     "eval-scripts": ({"core"}, {"core", "eval"}),
     "bench": ({"core", "bench"}, {"core", "bench"}),
-    "tests": ({"core", "eval", "bench", "dev"}, {"core", "eval", "bench", "dev"}),
+    # CompVis's entry points that the overlay replaces (txt2img's watermark comes from `compvis`)
+    "main.py": ({"core"}, {"core"}),
+    "scripts": ({"core"}, {"core", "compvis"}),
+    "tools": ({"core"}, {"core"}),
+    "tests": ({"core", "eval", "bench", "dev"}, {"core", "eval", "bench", "dev", "compvis"}),
 }
 #: Declared packages that no file imports by name, and why they are declared all the same.
 USED_WITHOUT_IMPORT = {
     "torch-fidelity": "torchmetrics' FID loads it for Inception-v3 features (erasure.metrics)",
     "huggingface-hub": "tests switch its offline flag by name (tests/test_text_encoder.py)",
+    **dict.fromkeys(
+        ["einops", "albumentations", "opencv-python-headless", "taming-transformers-rom1504", "scikit-image",
+         "natsort", "openai-clip", "setuptools", "scann"],
+        "CompVis's files that the overlay leaves in a clone import it (pyproject.toml's `compvis` extra)",
+    ),
 }
 
 
@@ -78,7 +87,8 @@ def _imports(path: Path) -> Iterator[tuple[str, bool, int]]:
 def _third_party_imports() -> Iterator[tuple[str, Path, int, bool, list[str]]]:
     """(folder, file, line, at module level, distributions) of every third-party import."""
     providers = packages_distributions()
-    files = {folder: sorted((ROOT / folder).rglob("*.py")) for folder in IMPORT_SCOPES}
+    files = {folder: sorted((ROOT / folder).rglob("*.py")) if (ROOT / folder).is_dir() else [ROOT / folder]
+             for folder in IMPORT_SCOPES}
     local = FIRST_PARTY | {path.stem for paths in files.values() for path in paths}  # e.g. tests import bench/common
     for folder, paths in files.items():
         for path in paths:
@@ -88,7 +98,7 @@ def _third_party_imports() -> Iterator[tuple[str, Path, int, bool, list[str]]]:
                 dists = [_normalise(dist) for dist in providers.get(module, [])]
                 assert dists, (
                     f"{path.relative_to(ROOT)}:{line} imports {module}, which no installed distribution "
-                    f"provides; install the extras (pip install -e \".[eval,bench,dev]\") or declare it."
+                    f"provides; install the extras (pip install -e \".[eval,bench,dev,compvis]\") or declare it."
                 )
                 yield folder, path, line, eager, dists
 

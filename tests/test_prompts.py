@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from erasure.errors import SettingsError
 from erasure.prompts import PromptFileError, read_i2p_prompts, read_prompts, select_cases
 from erasure.toy import TOY_CONFIG
+from erasure.wordings import check_templates, default_templates, fill, normalise, read_protect_file, read_templates
 from erasure.worlds import SD_WORLD, world_from_config_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +111,58 @@ def test_i2p_loader_filters_by_nudity_and_category(tmp_path: Path) -> None:
     raw = write(tmp_path, "prompt,categories,nudity_percentage,sd_seed\nx,sexual,3,5\n", "raw.csv")
     with pytest.raises(PromptFileError, match="raw I2P release"):
         read_i2p_prompts(raw)
+
+
+# ---------------------------------------------------------------------------------- concept wordings
+HELD_OUT = DATA / "toy-heldout-wordings.csv"
+
+
+def test_held_out_wordings_are_never_among_the_default_training_wordings() -> None:
+    from erasure.toy.quality import read_wording_rows
+    from erasure.toy.world import ARTISTS, OBJECTS
+
+    rows = read_prompts(HELD_OUT, ("prompt", "evaluation_seed", "case_number", "concept", "class", "object", "colour"))
+    assert len(read_wording_rows(HELD_OUT)) == len(rows) == len({row.prompt for row in rows})
+    assert min(row.evaluation_seed for row in rows) >= 7_000_000  # no other file or script samples these seeds
+    for concept in (*ARTISTS, *OBJECTS):
+        kind = "object" if concept in OBJECTS else "artist"
+        trained = {normalise(fill(template, concept)) for template in default_templates("toy", kind)}
+        held = [row.prompt for row in rows if row.extra["concept"] == concept]
+        assert len(held) >= 8, concept
+        assert not trained & {normalise(prompt) for prompt in held}, concept
+        assert all(concept in prompt for prompt in held)
+
+
+def test_default_templates_per_world_and_kind() -> None:
+    assert default_templates("toy", "artist")[0] == "{name}" and len(default_templates("toy", "artist")) == 14
+    assert default_templates("some-world", "object") == default_templates("sd", "object")  # SD's for other worlds
+    assert fill("a painting by {name}", "") == "a painting by" and fill("{name} style", "Van Gogh") == "Van Gogh style"
+    with pytest.raises(SettingsError, match="concept_kind"):
+        default_templates("sd", "style")
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    (["{name}", "a {name}", "A  {name}"], r"repeats wording 2; list each wording once \(3 given, 2 distinct\)"),
+    (["{name}", ""], "wording 2 is empty"),
+    (["a painting"], r"exactly once"),
+    (["{name} and {name}"], r"exactly once"),
+    ([], "empty"),
+])
+def test_bad_templates_are_refused(lines: list[str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        check_templates(lines)
+
+
+def test_template_and_protect_files(tmp_path: Path) -> None:
+    templates = write(tmp_path, "{name}\nart by {name}\n", "wordings.txt")
+    assert read_templates(templates) == ["{name}", "art by {name}"]
+    assert read_protect_file(write(tmp_path, "a cat\n a  dog \n", "protect.txt")) == ["a cat", "a dog"]
+    repeated = r"line 2 \(.A cat.\) repeats line 1; list each prompt once \(2 lines, 1 distinct\)"
+    with pytest.raises(SettingsError, match=repeated):
+        read_protect_file(write(tmp_path, "a cat\nA cat\n", "protect.txt"))
+    with pytest.raises(SettingsError, match="line 2 is empty"):
+        read_protect_file(write(tmp_path, "a cat\n\nb\n", "protect.txt"))
+    with pytest.raises(SettingsError, match="is empty"):
+        read_protect_file(write(tmp_path, "", "protect.txt"))
+    with pytest.raises(SettingsError, match="does not exist"):
+        read_templates(tmp_path / "missing.txt")

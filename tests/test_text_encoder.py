@@ -159,5 +159,20 @@ def test_unreachable_hub_name_points_to_local_directory(monkeypatch: pytest.Monk
     # Force offline mode so that the hub lookup fails at once instead of retrying the network.
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("transformers.utils.hub._is_offline_mode", True)
-    with pytest.raises(OSError, match="pass version=<local directory>"):
+    with pytest.raises(OSError, match="cond_stage_config.params.version to that local directory"):
         FrozenCLIPEmbedder(version="no-such-owner/no-such-clip")
+
+
+def test_sd_v1_text_encoder_builds_offline_and_defers_its_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SD v1's CLIP ViT-L/14 text model is built from its known architecture without the Hub (its
+    weights come from the SD checkpoint); only asking for the tokenizer needs the Hub."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("transformers.utils.hub._is_offline_mode", True)
+    with torch.device("meta"):
+        embedder = FrozenCLIPEmbedder()
+    assert embedder.device.type == "meta"
+    assert sum(p.numel() for p in embedder.parameters()) == 123_060_480
+    assert "transformer.text_model.encoder.layers.11.mlp.fc2.weight" in embedder.state_dict()
+    with pytest.raises(OSError, match="cond_stage_config.params.version") as error:
+        _ = embedder.tokenizer
+    assert error.value.__cause__ is None and error.value.__suppress_context__

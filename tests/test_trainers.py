@@ -34,6 +34,7 @@ from erasure.trainers.cie import CiETrainer
 from erasure.trainers.data import concept_latents, folder_images
 from erasure.trainers.esd import ESDTrainer
 from erasure.trainers.loop import NonFiniteLossError, predict_eps
+from erasure.trainers import report
 from erasure.trainers.report import before_after_report, report_paths
 from erasure.trainers.runtime import (
     FabricOptions,
@@ -85,7 +86,7 @@ def config(kind: type[TrainingSettings] = SepCESettings, **overrides: object) ->
 
 
 def sepce(model: nn.Module, fabric: Fabric, sequential: bool = False, **overrides: object) -> SepCETrainer:
-    bases = compute_bases(model, CONCEPTS, min_dims=1, sequential=sequential)
+    bases = compute_bases(model, CONCEPTS, min_dims=1)  # sequential mode uses the joint bases (METHOD.md §2)
     settings = config(mode="sequential" if sequential else "joint", **overrides)
     return SepCETrainer(model, fabric, bases, random_latents(model), settings)
 
@@ -203,8 +204,6 @@ def test_sequential_trains_one_concept_at_a_time(model: nn.Module, fabric: Fabri
     trainer.step_loss = recording
     summary = trainer.fit()
     assert seen == [["a red"], ["a red"], ["b blue"], ["b blue"]]
-    assert trainer.bases["a red"].protected_prompts == [""]
-    assert trainer.bases["b blue"].protected_prompts == ["", "a red"]
     assert all(layer.active_names == ["a_red", "b_blue"] for layer in cross_attention_kv(model).values())
     assert {c: s["steps"] for c, s in summary["concepts"].items()} == {"a red": 2, "b blue": 2}
 
@@ -313,7 +312,9 @@ def test_esd_changes_only_its_weights(model: nn.Module, fabric: Fabric, train_me
     trainer = ESDTrainer(model, fabric, "a red", config(ESDSettings, lr=1e-3, iterations=2, train_method=train_method, ddim_steps=4))
     summary = trainer.fit()
     unet_keys = {key for key in before if key.startswith("model.diffusion_model.")}
-    expected = attn2_keys(model) if train_method == "xattn" else unet_keys - attn2_keys(model)
+    frozen_by_esd = {key for key in unet_keys if ".time_embed." in key or key.startswith("model.diffusion_model.out.")}
+    assert frozen_by_esd  # the rule below has something to leave out
+    expected = attn2_keys(model) if train_method == "xattn" else unet_keys - attn2_keys(model) - frozen_by_esd
     assert changed_keys(model, before) == expected
     assert summary["method"] == {"xattn": "esd_x", "noxattn": "esd_u"}[train_method]
     assert summary["concepts"]["a red"]["stop_reason"] == "max_steps"
@@ -407,7 +408,8 @@ def test_sepce_script_writes_named_increments_and_one_json_line(
     run(fabric, args, SepCESettings)
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
-    expected = tmp_path / "out" / "sepce-a_red-lr_0.1-beta_1e-4-lam_1e-6-tau_1e-4.safetensors"
+    [expected] = runs.result_files(cli.request_from_args(args, SepCESettings), 0.1)[0].values()
+    assert expected.name.startswith("sepce-a_red-lr_0.1-beta_1e-4-lam_1e-6-tau_1e-4-seed_0-")
     assert summary["outputs"] == [str(expected)]
     assert summary["concepts"]["a red"]["steps"] == 2 and summary["seconds"] > 0
     increment = Increment.load(expected)
@@ -419,11 +421,12 @@ def test_sepce_script_writes_named_increments_and_one_json_line(
 def test_sepce_protects_the_other_classes_on_request(model_files: tuple[Path, Path]) -> None:
     model = load_model(*model_files)
     on = SepCESettings(protect_classes=True)
-    assert protected_prompts(model, ["van gogh"], ["Picasso"], on) == ["Picasso", *SD_ARTISTS[2:]]
-    assert protected_prompts(model, ["van gogh"], [], SepCESettings()) == []  # the SD world's default: off
+    assert protected_prompts(model, ["van gogh"], ["Picasso"], on) == ["watermark SRS-ME", "Picasso", *SD_ARTISTS[2:]]
+    assert protected_prompts(model, ["van gogh"], [], SepCESettings()) == ["watermark SRS-ME"]  # SD default: no classes
+    assert protected_prompts(model, ["van gogh"], [], SepCESettings(watermark_prompt="")) == []
     toy = World("toy-like", ("", "a red", "b blue"), protect_classes=True)
     model.ldm_config.world = {"name": toy.name, "class_prompts": list(toy.class_prompts), "protect_classes": True}
-    assert protected_prompts(model, ["a red"], [], SepCESettings()) == ["b blue"]  # the world's default: on
+    assert protected_prompts(model, ["a red"], [], SepCESettings(watermark_prompt="")) == ["b blue"]  # toy default: on
 
 
 @pytest.mark.parametrize(("method", "kind", "reference", "toy"), [
@@ -459,7 +462,7 @@ def test_cie_script_generates_missing_images_once(
     folders = list((tmp_path / "generated").glob("*/a_red"))
     assert len(folders) == 1 and len(list(folders[0].glob("*.png"))) == 2
     written = json.loads(out.strip().splitlines()[-1])["outputs"][0]
-    assert Path(written).name == "cie-a_red-lr_1e-3-lam_1e-6-tau_1e-4.safetensors"
+    assert Path(written).name.startswith("cie-a_red-lr_1e-3-lam_1e-6-tau_1e-4-seed_0-")
     assert WeightDifference.load(written).method == "cie"
     run(fabric, cli_args(
         cli.cie_parser(), model_files, "--prompt", "a red", "--num_images", "2", "--output_dir", str(tmp_path / "out"),
@@ -472,7 +475,7 @@ def test_script_refuses_a_stale_checkpoint_and_device_flag(
     model_files: tuple[Path, Path], fabric: Fabric, tmp_path: Path
 ) -> None:
     args = cli_args(cli.esd_parser(), model_files, "--prompt", "a red", "--output_dir", str(tmp_path))
-    stem = "esd_x-a_red-lr_1e-5-iter_2-sg_3-ng_1"
+    stem = runs.result_files(cli.request_from_args(args, ESDSettings), 1e-5)[1].name
     (tmp_path / f"{stem}{runs.CHECKPOINT_SUFFIX}").write_bytes(b"old")
     with pytest.raises(TrainingSetupError, match="pass --resume to continue it or --overwrite"):
         run(fabric, args, ESDSettings)
@@ -505,7 +508,12 @@ def constant_classifier(device: torch.device) -> ConstantClassifier:
     return ConstantClassifier()
 
 
-def test_before_after_report_on_the_tiny_model(model: nn.Module, fabric: Fabric, tmp_path: Path) -> None:
+def test_before_after_report_on_the_tiny_model(
+    model: nn.Module, fabric: Fabric, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wordings = tmp_path / "held-out.csv"
+    wordings.write_text("prompt,evaluation_seed,case_number,class\nred a,5,0,a red\na red one,6,1,a red\n")
+    monkeypatch.setitem(report.HELD_OUT_WORDINGS, "tiny", wordings)
     model.ldm_config = OmegaConf.create({"sampling": {"steps": 2, "guidance_scale": 1.0}})
     trainer = sepce(model, fabric, iterations=1, lr=1000.0)
     trainer.fit()
@@ -514,11 +522,13 @@ def test_before_after_report_on_the_tiny_model(model: nn.Module, fabric: Fabric,
     world = World("tiny", ("", "a red"), classifier=f"{__name__}.constant_classifier")
     table = before_after_report(model, [increment], world, tmp_path / "run", samples_per_class=2)
     record = json.loads(report_paths(tmp_path / "run")[1].read_text())
-    rows = {row["class"]: row for row in record["classes"]}
-    assert rows["blank"]["acc_before"] == 1.0 and rows["a red"]["acc_after"] == 0.0 and rows["a red"]["erased"] == "yes"
-    assert rows["blank"]["pixel_change_max"] < 1e-5  # "" is protected: its samples move by float rounding only
-    assert rows["a red"]["pixel_change_max"] > 0.0
-    assert "| a red | yes | 0 | 0 |" in table
+    rows = {(row["class"], row["prompts"]): row for row in record["classes"]}
+    assert list(rows) == [("blank", "exact"), ("a red", "exact"), ("a red", "held-out")]
+    blank, exact, held_out = rows.values()
+    assert blank["acc_before"] == 1.0 and exact["acc_after"] == 0.0 and exact["erased"] == "yes"
+    assert blank["pixel_change_max"] < 1e-5  # "" is protected: its samples move by float rounding only
+    assert exact["pixel_change_max"] > 0.0 and held_out["pixel_change_max"] > 0.0
+    assert "| a red | exact | yes | 0 | 0 |" in table and "| a red | held-out | yes |" in table
     # a row per class of 2 samples before + 2 after (16 px), labelled: the layout's size
     layout = grid_layout([torch.zeros(4, 3, 16, 16)] * 2, list(world.names), block_labels=[("before", 2), ("after", 2)])
     assert Image.open(report_paths(tmp_path / "run")[0]).size == (layout.width, layout.height)

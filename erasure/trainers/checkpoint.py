@@ -4,6 +4,8 @@ Written atomically by ``erasure.files.write_tensors`` (temporary file, then rena
 previous checkpoint survives a crash mid-write; read back only by this project. The random
 state needs no saving: every step's draws come from ``runtime.step_generator(seed, step)``.
 ``run`` records the settings that decide the result; resuming with different ones is refused.
+A checkpoint is written only when every trained tensor is finite, so a diverged step never
+replaces the last good checkpoint (``read_tensors`` refuses non-finite tensors on resume).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from erasure.errors import CheckpointError
+from erasure.errors import CheckpointError, NonFiniteLossError
 from erasure.files import read_tensors, write_tensors
 
 CHECKPOINT_KIND = "training_checkpoint"
@@ -59,6 +61,14 @@ def save_checkpoint(
     tensors = {PARAM_PREFIX + name: parameter.detach() for name, parameter in parameters.items()}
     optimizer_tensors, optimizer_meta = _optimizer_tensors(optimizer, names)
     tensors.update(optimizer_tensors)
+    finite = torch.stack([torch.isfinite(tensor).all() for tensor in tensors.values()]).tolist()
+    if not all(finite):
+        bad = [name for name, ok in zip(tensors, finite) if not ok]
+        kept = f"the previous checkpoint {path} was kept" if path.is_file() else "no checkpoint was written"
+        raise NonFiniteLossError(
+            f"Training diverged: {bad[0]} holds NaN/inf after step {state.step}; {kept}. Start again with a lower "
+            f"--lr (--overwrite)."
+        )
     metadata = {
         "step": state.step,
         "run": state.run,

@@ -1,8 +1,11 @@
 """Training images of each concept, made by the ORIGINAL model, encoded to latents once.
 
 Images come from the caller (tensors in [0, 1], or a folder ``{data_dir}/{slugify(concept)}/*.png``)
-or are generated once with ``erasure.generation`` into ``data/generated/<model fingerprint>/`` and
-reused by later runs (generation is resumable and sharded over the training processes).
+or are generated once with ``erasure.generation`` into ``{cache_dir}/training-images/<model
+fingerprint>/`` and reused by later runs (generation is resumable and sharded over the training
+processes). The cache directory defaults to a per-user one (``$XDG_CACHE_HOME/separable-erasure``,
+else ``~/.cache/separable-erasure``), never the installed package or the repository, which may be
+read-only.
 """
 
 from __future__ import annotations
@@ -10,20 +13,30 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import os
+
 import torch
 from torch import nn
 
 from erasure.images import list_images, read_images, unit_float
 from erasure.errors import TrainingDataError
 from erasure.generation import generate_concept_images
-from erasure.increments import slugify
+from erasure.increments import check_distinct_names, slugify
 from erasure.loading import model_fingerprint
-from erasure.resources import source_root
 from erasure.samplers import sampling_settings
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
-#: In a checkout its data/generated/; installed, the working directory's (never site-packages).
-GENERATED_ROOT = (source_root() or Path.cwd()) / "data" / "generated"
+CACHE_NAME = "separable-erasure"
+TRAINING_IMAGES = "training-images"
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/separable-erasure``, else ``~/.cache/separable-erasure`` (per user)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / CACHE_NAME
+
+
+#: Generated training images when no cache directory is given: ``{default cache dir}/training-images``.
+GENERATED_ROOT = default_cache_dir() / TRAINING_IMAGES
 ENCODE_BATCH = 16
 #: First seed of generated training images (image i from seed i).
 IMAGE_SEED = 0
@@ -33,9 +46,14 @@ def concept_folder(data_dir: str | Path, concept: str) -> Path:
     return Path(data_dir) / slugify(concept)
 
 
-def default_data_dir(model: nn.Module) -> Path:
+def generated_root(cache_dir: str | Path | None = None) -> Path:
+    """The folder of generated training images: ``{cache_dir}/training-images`` (default: the per-user cache)."""
+    return GENERATED_ROOT if cache_dir is None else Path(cache_dir) / TRAINING_IMAGES
+
+
+def default_data_dir(model: nn.Module, cache_dir: str | Path | None = None) -> Path:
     """Where generated training images of this base model live (one folder per model)."""
-    return GENERATED_ROOT / model_fingerprint(model)
+    return generated_root(cache_dir) / model_fingerprint(model)
 
 
 @torch.no_grad()
@@ -65,6 +83,7 @@ def ensure_generated(
     announce: Callable[[str], None],
 ) -> None:
     """Generate the missing images of every concept (sharded over ranks), then wait for all ranks."""
+    check_distinct_names(concepts)
     for concept in concepts:
         folder = concept_folder(data_dir, concept)
         present = len(list(folder.glob("[0-9]*.png"))) if folder.is_dir() else 0
@@ -82,6 +101,7 @@ def ensure_generated(
 
 def folder_images(data_dir: str | Path, concepts: Sequence[str], limit: int | None = None) -> dict[str, torch.Tensor]:
     """uint8 images {concept: [N, 3, H, W]} from ``{data_dir}/{slug}/`` (at most ``limit`` per concept)."""
+    check_distinct_names(concepts)
     images = {}
     for concept in concepts:
         files = list_images(concept_folder(data_dir, concept))

@@ -1,12 +1,16 @@
-"""ESD baselines (METHOD.md §5): ESD-x trains attn2, ESD-u every other UNet weight.
+"""ESD baselines (METHOD.md §5): ESD-x trains attn2 (``xattn``), ESD-u (``noxattn``) every UNet
+weight except attn2, ``time_embed*`` and ``out.*`` (``erasure.trainers.weights.is_esd_u_parameter``).
 
     loss = MSE( eps(z_t, c; W),  eps(z_t, ""; W0) - eta * (eps(z_t, c; W0) - eps(z_t, ""; W0)) )
 
-z_t comes from sampling the model being trained (no grad) with DDIM (50 steps, guidance 3)
-from seeded noise for a random number n of steps; t is the DDPM step whose noise level that
-partial sample has, so the UNet is asked about the noise level z_t really has. The frozen
-predictions come from the original weights swapped into the same UNet. ESD has no stopping
-rule: it runs ``iterations`` steps (the tracked value is the loss).
+z_t comes from sampling the model being trained (no grad) with DDIM (S = 50 steps, guidance 3)
+from seeded noise down to a random DDIM step t_enc in [0, S) (the steps S-1 .. t_enc run). The
+UNet's timestep follows ``ESDSettings.timestep``:
+- ``reference`` (default, ESD's code): a DDPM index drawn from [t_enc * T / S, (t_enc + 1) * T / S),
+  T = 1000, about two DDIM steps (up to 39 DDPM steps) noisier than z_t really is;
+- ``noise_level``: the DDPM step whose noise level z_t has (``stopped_at`` of the sampler).
+The frozen predictions come from the original weights swapped into the same UNet. ESD has no
+stopping rule: it runs ``iterations`` steps (the tracked value is the loss).
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ from erasure.settings import ESDSettings
 from erasure.trainers.weights import (
     WeightTrainer,
     cross_attention_parameters,
-    non_cross_attention_parameters,
+    esd_u_parameters,
 )
 from ldm.models.diffusion.ddim import DDIMSampler
 
-TRAINED_SETS = {"xattn": cross_attention_parameters, "noxattn": non_cross_attention_parameters}
+TRAINED_SETS = {"xattn": cross_attention_parameters, "noxattn": esd_u_parameters}
 
 
 class ESDTrainer(WeightTrainer):
@@ -62,10 +66,19 @@ class ESDTrainer(WeightTrainer):
             **self.settings.result_settings(),
         }
 
+    def unet_timestep(self, t_enc: int, noise_level: int, generator: torch.Generator) -> int:
+        """The DDPM step the UNet is asked about for a partial sample at DDIM step ``t_enc``
+        (module docstring: the two conventions)."""
+        if self.settings.timestep == "noise_level":
+            return noise_level
+        steps = self.model.num_timesteps
+        low, high = round(t_enc * steps / self.ddim_steps), round((t_enc + 1) * steps / self.ddim_steps)
+        return int(torch.randint(low, max(high, low + 1), (1,), generator=generator))
+
     def step_loss(self, generator: torch.Generator, concepts: list[str]) -> StepLoss:
         shape = latent_shape(self.model)
         start = torch.randn((self.settings.batch_size, *shape), generator=generator)[self.rows]
-        steps_run = int(torch.randint(0, self.ddim_steps, (1,), generator=generator))
+        t_enc = int(torch.randint(0, self.ddim_steps, (1,), generator=generator))
         rows = start.shape[0]
         device = self.model.betas.device
         concept_context, blank_context = self.contexts(self.concept, rows), self.contexts("", rows)
@@ -77,9 +90,10 @@ class ESDTrainer(WeightTrainer):
             unconditional_guidance_scale=self.start_guidance,
             unconditional_conditioning=blank_context,
             x_T=start.to(device),
-            till_T=steps_run,
+            till_T=self.ddim_steps - t_enc,
         )
-        timesteps = torch.full((rows,), record["stopped_at"], device=device, dtype=torch.long)
+        timesteps = torch.full((rows,), self.unet_timestep(t_enc, record["stopped_at"], generator), device=device,
+                               dtype=torch.long)
         with torch.no_grad(), self.original_weights():
             frozen_concept, frozen_blank = predict_eps(
                 self.model,

@@ -5,6 +5,10 @@ the original model and by the model with the edits applied; ``erasure.evaluate``
 class's accuracy before and after (the world's classifier: the toy oracle on the toy model) and
 its pixel change. The grid's rows are the classes (named at the left), its columns the "before"
 samples, then the "after" samples of the same seeds.
+
+Protection and training see only the exact class prompts, so the table also has, per class, a
+row of held-out wordings (``HELD_OUT_WORDINGS``: the toy world's data/toy-heldout-wordings.csv,
+the first ``samples_per_class`` wordings of each class with their own seeds; METHOD.md §2).
 """
 
 from __future__ import annotations
@@ -22,13 +26,22 @@ from erasure.evaluation import evaluate, make_evaluator
 from erasure.files import write_json
 from erasure.generation import generate, save_png
 from erasure.grids import labelled_grid
+from erasure.prompts import REQUIRED_COLUMNS, PromptRow, read_prompts
 from erasure.tables import markdown_table
 from erasure.worlds import World
 
 SAMPLES_PER_CLASS = 8
 FIRST_SEED = 10_000
-COLUMNS = ("class", "erased", "acc_before", "acc_after", "pixel_change_max")
-HEADERS = ("class", "erased", "accuracy before", "accuracy after", "largest pixel change")
+COLUMNS = ("class", "prompts", "erased", "acc_before", "acc_after", "pixel_change_max")
+HEADERS = ("class", "prompts", "erased", "accuracy before", "accuracy after", "largest pixel change")
+#: world name -> wordings never trained or protected (columns prompt, evaluation_seed, case_number, class).
+HELD_OUT_WORDINGS = {"toy": Path(__file__).resolve().parents[2] / "data" / "toy-heldout-wordings.csv"}
+
+
+def held_out_wordings(world: World) -> list[PromptRow]:
+    """The world's held-out wordings (none for a world without a file)."""
+    path = HELD_OUT_WORDINGS.get(world.name)
+    return [] if path is None else read_prompts(path, (*REQUIRED_COLUMNS, "class"))
 
 
 def report_paths(stem: Path) -> tuple[Path, Path]:
@@ -51,20 +64,29 @@ def before_after_report(
     erased = {normalise_prompt(edit.concept) for edit in edits}
     evaluator = make_evaluator(("acc", "pixel"), world=world, device=device)
     rows, table = [], []
+    wordings = held_out_wordings(world)
     for prompt, name in zip(world.class_prompts, world.names):
-        prompts = [prompt] * samples_per_class
-        before = generate(model, prompts, seeds)
-        with apply(model, edits):
-            after = generate(model, prompts, seeds)
-        rows.append(torch.cat([before, after]))
-        metrics = evaluate(before, after, concept=name, metrics=("acc", "pixel"), evaluator=evaluator)
-        table.append({
-            "class": name,
-            "erased": "yes" if normalise_prompt(prompt) in erased and prompt else "",
-            "acc_before": metrics.acc_original,
-            "acc_after": metrics.acc,
-            "pixel_change_max": metrics.pixel_change_max,
-        })
+        held_out = [row for row in wordings if normalise_prompt(row.extra["class"] or "") == normalise_prompt(name)]
+        held_out = held_out[:samples_per_class] if prompt else []
+        for kind, prompts, row_seeds in (("exact", [prompt] * samples_per_class, seeds),
+                                         ("held-out", [row.prompt for row in held_out],
+                                          [row.evaluation_seed for row in held_out])):
+            if not prompts:
+                continue
+            before = generate(model, prompts, row_seeds)
+            with apply(model, edits):
+                after = generate(model, prompts, row_seeds)
+            if kind == "exact":
+                rows.append(torch.cat([before, after]))
+            metrics = evaluate(before, after, concept=name, metrics=("acc", "pixel"), evaluator=evaluator)
+            table.append({
+                "class": name,
+                "prompts": kind,
+                "erased": "yes" if normalise_prompt(prompt) in erased and prompt else "",
+                "acc_before": metrics.acc_original,
+                "acc_after": metrics.acc,
+                "pixel_change_max": metrics.pixel_change_max,
+            })
     grid_path, table_path = report_paths(stem)
     grid = labelled_grid(rows, list(world.names), block_labels=[("before", samples_per_class), ("after", samples_per_class)])
     save_png(grid, grid_path)

@@ -49,6 +49,18 @@ def make_fabric(options: FabricOptions) -> Fabric:
         raise TrainingSetupError(f"--precision {options.precision!r} is not supported; use one of {', '.join(PRECISIONS)}.")
     if options.devices < 1 or options.num_nodes < 1:
         raise TrainingSetupError(f"--devices and --num_nodes must be >= 1, got {options.devices} and {options.num_nodes}.")
+    if options.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise TrainingSetupError(
+            f"--accelerator {options.accelerator} was asked for, but CUDA is not available on this machine (torch "
+            f"{torch.__version__}); use --accelerator cpu (or auto), or install a CUDA build of torch."
+        )
+    if options.accelerator in ("cuda", "gpu") and options.devices > torch.cuda.device_count():
+        raise TrainingSetupError(
+            f"--devices {options.devices} asks for more GPUs than this machine has ({torch.cuda.device_count()}); "
+            f"pass --devices {torch.cuda.device_count()} or fewer."
+        )
+    if options.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise TrainingSetupError("--accelerator mps was asked for, but MPS is not available; use --accelerator cpu.")
     on_cpu = options.accelerator == "cpu" or (options.accelerator == "auto" and not torch.cuda.is_available())
     if options.precision == "16-mixed" and on_cpu:
         raise TrainingSetupError(

@@ -7,11 +7,16 @@ eps(""; W0) for every training concept, one call with grad gives eps(c; W0 + dW)
 evaluations per concept and one backward. Only the coefficients require grad.
 
 Joint: the loss of concept i depends on dW_i only (dW_j protects c_i), so all increments stay
-switched on; concept i is weighted by eta_i = ||P_max|| / ||P_i|| (norms over the GLOBAL batch)
-and stops on its own momentum, after which its coefficients are frozen.
-Sequential: concept i trains alone with only its own increment switched on (an earlier
-increment need not protect c_i), protects the concepts before it through its basis, and is
-frozen before concept i + 1 starts; earlier increments are never recomputed.
+switched on; concept i is weighted by eta_i = ||P_max|| / ||P_i|| (norms over the GLOBAL batch).
+The joint objective (``SepCESettings.joint_objective``, METHOD.md §2):
+- ``per_concept`` (the authors' code): L1 term sum_i ||dW_i||_1 / M, and concept i stops on its
+  own momentum of L_dir(c_i), after which its coefficients are frozen;
+- ``paper`` (Eq. 34/37): L1 term ||sum_i dW_i||_1 / M (per layer, the summed increments), and one
+  momentum of the weighted sum sum_i eta_i L_dir(c_i) stops every concept at once.
+Sequential: concept i trains alone with only its own increment switched on, then is frozen
+before concept i + 1 starts. It uses the bases joint mode uses (every concept of the set
+protects every other one), so joint and sequential increments are interchangeable and differ
+only in memory and time (METHOD.md §2, SRS-ME vs SRS-ME†).
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class SepCETrainer(ConceptTrainer):
         self.beta = float(settings.beta)
         self.lam = float(settings.lam)
         self.sequential = settings.mode == "sequential"
+        self.paper_objective = settings.joint_objective == "paper"
         self.layers = cross_attention_kv(model)
         self.unet = model.model.diffusion_model
         self.names = {concept: slugify(concept) for concept in concepts}
@@ -103,6 +109,7 @@ class SepCETrainer(ConceptTrainer):
         return {
             "method": self.method,
             "mode": "sequential" if self.sequential else "joint",
+            "joint_objective": self.settings.joint_objective,
             "concepts": self.concepts,
             "basis_dims": {concept: basis.dims for concept, basis in self.bases.items()},
             "protected_prompts": {concept: basis.protected_prompts for concept, basis in self.bases.items()},
@@ -153,14 +160,18 @@ class SepCETrainer(ConceptTrainer):
         else:  # the loss is non-finite too; the loop stops with NonFiniteLossError
             eta = torch.ones(len(products), device=trained.device)
         directions = [product.mean() for product in products]
-        loss = sum(weight * direction for weight, direction in zip(eta, directions))
-        if self.lam:
-            regulariser = sum(
-                l1_regulariser([layer.increments[self.names[c]].delta_weight() for layer in self.layers.values()])
-                for c in concepts
-            )
-            loss = loss + self.lam * regulariser
+        weighted = sum(weight * direction for weight, direction in zip(eta, directions))
+        loss = weighted + self.lam * self.regulariser(concepts) if self.lam else weighted
+        if self.paper_objective:  # one weighted momentum: every concept tracks the same value
+            return StepLoss(loss, {c: weighted.detach() for c in concepts})
         return StepLoss(loss, {c: direction.detach() for c, direction in zip(concepts, directions)})
+
+    def regulariser(self, concepts: list[str]) -> torch.Tensor:
+        """``sum_i ||dW_i||_1 / M`` (per_concept) or ``||sum_i dW_i||_1 / M`` (paper), M layers."""
+        deltas = [[layer.increments[self.names[c]].delta_weight() for c in concepts] for layer in self.layers.values()]
+        if self.paper_objective:
+            return l1_regulariser([torch.stack(per_layer).sum(0) for per_layer in deltas])
+        return sum(l1_regulariser([per_layer[index] for per_layer in deltas]) for index in range(len(concepts)))
 
     def fit(self) -> dict[str, Any]:
         try:

@@ -29,25 +29,38 @@ INCREMENT_MARK = ".increments."
 
 
 def unet_parameters(model: nn.Module, select: Callable[[str], bool]) -> dict[str, nn.Parameter]:
-    """UNet parameters (by state-dict name) whose name passes ``select``; increments never."""
+    """UNet parameters (by state-dict name) whose name INSIDE the UNet (without ``UNET_PREFIX``,
+    e.g. ``out.2.weight``) passes ``select``; increments never."""
     chosen = {
         name: parameter
         for name, parameter in model.named_parameters()
-        if name.startswith(UNET_PREFIX) and INCREMENT_MARK not in name and select(name)
+        if name.startswith(UNET_PREFIX) and INCREMENT_MARK not in name and select(name[len(UNET_PREFIX):])
     }
     if not chosen:
         raise TrainingSetupError("No UNet parameters match the trained set; is this a cross-attention LatentDiffusion?")
     return chosen
 
 
+def is_cross_attention(unet_name: str) -> bool:
+    """ESD-x's rule (``xattn``): the parameter belongs to a cross-attention block (attn2)."""
+    return CROSS_ATTENTION in f".{unet_name}"
+
+
+def is_esd_u_parameter(unet_name: str) -> bool:
+    """ESD-u's rule (ESD's ``noxattn``, METHOD.md §5): every UNet parameter except attn2, the
+    timestep embedding (any name containing ``time_embed``) and the output head (``out.*``), which
+    ESD leaves frozen. On SD v1.4 this is 813,495,680 of the UNet's 859,520,964 parameters."""
+    return not (is_cross_attention(unet_name) or "time_embed" in unet_name or unet_name.startswith("out."))
+
+
 def cross_attention_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every attn2 weight and bias: to_q, to_k, to_v, to_out (CiE, ESD-x)."""
-    return unet_parameters(model, lambda name: CROSS_ATTENTION in name)
+    return unet_parameters(model, is_cross_attention)
 
 
-def non_cross_attention_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every UNet weight outside attn2 (ESD-u)."""
-    return unet_parameters(model, lambda name: CROSS_ATTENTION not in name)
+def esd_u_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters ESD-u trains (``is_esd_u_parameter``)."""
+    return unet_parameters(model, is_esd_u_parameter)
 
 
 class WeightTrainer(ConceptTrainer):

@@ -1,57 +1,30 @@
-"""First stages of latent diffusion: the KL autoencoder (SD v1 VAE) and parameter-free ones.
-
-VQ autoencoders of the original repository are deliberately not provided; a config that
-targets one fails in ``instantiate_from_config`` with the missing name.
+"""First stages of latent diffusion: the KL autoencoder (SD v1 VAE), the VQ autoencoders
+(``vq_autoencoder``, re-exported here) and parameter-free ones.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
+from ldm.models.autoencoder_training import AdversarialAutoencoderTraining, restore_first_stage
+from ldm.models.vq_autoencoder import VQModel, VQModelInterface  # noqa: F401  (CompVis names)
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
-logger = logging.getLogger(__name__)
 
-_FIRST_STAGE_PREFIX = "first_stage_model."
-
-
-def _read_checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or of a torch pickle (``{"state_dict": ...}`` or flat)."""
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"AutoencoderKL: checkpoint {str(path)!r} does not exist; pass an existing ckpt_path."
-        )
-    if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
-    # CompVis/Lightning checkpoints pickle Lightning objects next to the weights, which
-    # torch.load(weights_only=True) refuses. Unpickling can run code stored in the file;
-    # it is done only because the caller named this file. Prefer .safetensors.
-    loaded = torch.load(path, map_location="cpu", weights_only=False)
-    state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state_dict, dict):
-        raise ValueError(
-            f"AutoencoderKL: {str(path)!r} holds a {type(loaded).__name__}, not a state dict; "
-            "pass a checkpoint saved as {'state_dict': {...}} or as a flat dict of tensors."
-        )
-    return state_dict
-
-
-class AutoencoderKL(pl.LightningModule):
+class AutoencoderKL(AdversarialAutoencoderTraining, pl.LightningModule):
     """KL-regularised autoencoder: ``encode`` gives a diagonal Gaussian posterior over latents,
-    ``decode`` maps latents back to images. Inference only: the adversarial training loop of
-    the original is not part of this package (``lossconfig`` is kept for config compatibility;
-    SD v1 configs use ``torch.nn.Identity``)."""
+    ``decode`` maps latents back to images. ``lossconfig`` is CompVis's adversarial loss for
+    training (``ldm.modules.losses.LPIPSWithDiscriminator``); inference configs such as SD v1
+    use ``torch.nn.Identity``. ``ckpt_path`` loads weights at construction, as in CompVis."""
 
     def __init__(
         self,
@@ -59,12 +32,13 @@ class AutoencoderKL(pl.LightningModule):
         lossconfig: dict[str, Any],
         embed_dim: int,
         ckpt_path: str | None = None,
-        ignore_keys: Sequence[str] = (),
+        ignore_keys: Sequence[str] = [],
         image_key: str = "image",
         colorize_nlabels: int | None = None,
         monitor: str | None = None,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False
         if not ddconfig.get("double_z", True):
             raise ValueError(
                 "AutoencoderKL: ddconfig.double_z must be true (the encoder predicts mean and logvar)."
@@ -85,38 +59,8 @@ class AutoencoderKL(pl.LightningModule):
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 
-    def init_from_ckpt(self, path: str | Path, ignore_keys: Sequence[str] = ()) -> None:
-        """Load autoencoder weights from a VAE checkpoint or a full latent-diffusion checkpoint.
-
-        Keys under ``first_stage_model.`` are used when present. Keys starting with any of
-        ``ignore_keys`` are dropped and may stay at their initial values; any other weight
-        missing from the file is an error. Extra keys (e.g. the ``loss.*`` discriminator of
-        VAE training checkpoints) are reported in the log and skipped.
-        """
-        path = Path(path)
-        state_dict = _read_checkpoint_state_dict(path)
-        if any(key.startswith(_FIRST_STAGE_PREFIX) for key in state_dict):
-            state_dict = {
-                key[len(_FIRST_STAGE_PREFIX):]: value
-                for key, value in state_dict.items()
-                if key.startswith(_FIRST_STAGE_PREFIX)
-            }
-        ignore = tuple(ignore_keys)
-        state_dict = {key: value for key, value in state_dict.items() if not key.startswith(ignore)}
-        result = self.load_state_dict(state_dict, strict=False)
-        missing = [key for key in result.missing_keys if not key.startswith(ignore)]
-        if missing:
-            raise KeyError(
-                f"AutoencoderKL: {len(missing)} weights are missing from {str(path)!r} "
-                f"(first: {missing[:5]}); check that the file is a KL autoencoder of this ddconfig, "
-                "or name deliberately re-initialised prefixes in ignore_keys."
-            )
-        if result.unexpected_keys:
-            logger.info(
-                "AutoencoderKL: skipped %d keys of %s not used at inference (first: %s)",
-                len(result.unexpected_keys), path, result.unexpected_keys[:5],
-            )
-        logger.info("AutoencoderKL: restored from %s", path)
+    def init_from_ckpt(self, path: str | Path, ignore_keys: Sequence[str] = list()) -> None:
+        restore_first_stage(self, path, ignore_keys)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
@@ -131,26 +75,51 @@ class AutoencoderKL(pl.LightningModule):
         z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
+    def autoencoder_loss(self, x: torch.Tensor, optimizer_idx: int, split: str) -> tuple[torch.Tensor, dict]:
+        reconstruction, posterior = self(x)
+        return self.loss(x, reconstruction, posterior, optimizer_idx, self.global_step,
+                         last_layer=self.get_last_layer(), split=split)
+
+    def autoencoder_parameters(self) -> list[nn.Parameter]:
+        parts = (self.encoder, self.decoder, self.quant_conv, self.post_quant_conv)
+        return [param for part in parts for param in part.parameters()]
+
+    def learning_rates(self) -> tuple[float, float]:
+        return self.learning_rate, self.learning_rate
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], only_inputs: bool = False, **kwargs: Any) -> dict[str, torch.Tensor]:
+        x = self.get_input(batch, self.image_key).to(self.device)
+        log: dict[str, torch.Tensor] = {}
+        if not only_inputs:
+            reconstruction, posterior = self(x)
+            if x.shape[1] > 3:
+                x, reconstruction = self.to_rgb(x), self.to_rgb(reconstruction)
+            log["samples"] = self.decode(torch.randn_like(posterior.sample()))
+            log["reconstructions"] = reconstruction
+        log["inputs"] = x
+        return log
+
 
 class IdentityFirstStage(nn.Module):
     """A first stage that leaves its input unchanged (diffusion directly on the input)."""
 
-    def __init__(self, vq_interface: bool = False) -> None:
+    def __init__(self, *args: Any, vq_interface: bool = False, **kwargs: Any) -> None:
         super().__init__()
         self.vq_interface = vq_interface
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return x
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return x
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, None, list[None]]:
+    def quantize(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, None, list[None]]:
         if self.vq_interface:
             return x, None, [None, None, None]
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return x
 
 

@@ -9,13 +9,37 @@ and values come from image features, which no text-space basis could describe.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Hashable, Iterable, KeysView
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import checkpoint
+from ldm.modules.diffusionmodules.util import checkpoint, zero_module  # noqa: F401  (CompVis imports zero_module from here)
 from ldm.modules.incremental_linear import IncrementalLinear
 from ldm.util import default
+
+
+def exists(val: object) -> bool:
+    """``val is not None`` (CompVis's attention-module spelling of ``ldm.util.exists``)."""
+    return val is not None
+
+
+def uniq(arr: Iterable[Hashable]) -> KeysView[Hashable]:
+    """The distinct elements of ``arr`` in first-seen order."""
+    return dict.fromkeys(arr).keys()
+
+
+def max_neg_value(t: torch.Tensor) -> float:
+    """The most negative finite value of ``t``'s dtype (a mask fill that survives softmax)."""
+    return -torch.finfo(t.dtype).max
+
+
+def init_(tensor: torch.Tensor) -> torch.Tensor:
+    """Fill ``tensor`` in place uniformly in +-1/sqrt(last dim) and return it."""
+    bound = 1 / math.sqrt(tensor.shape[-1])
+    return tensor.uniform_(-bound, bound)
 
 
 class GEGLU(nn.Module):
@@ -128,6 +152,26 @@ class BasicTransformerBlock(nn.Module):
 def Normalize(in_channels: int) -> nn.GroupNorm:
     """The transformer's input norm: 32 groups, eps 1e-6 (not the UNet's float32 GroupNorm)."""
     return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+
+
+class SpatialSelfAttention(nn.Module):
+    """Single-head self-attention over the pixels of a feature map, with a residual connection.
+
+    1x1 convolutions ``q``, ``k``, ``v`` and ``proj_out`` after the transformer's input norm.
+    """
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.norm = Normalize(in_channels)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(in_channels, in_channels, 1) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        h = self.norm(x)
+        q, k, v = (layer(h).flatten(2).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj_out(out.transpose(1, 2).reshape(batch, channels, height, width))
 
 
 class SpatialTransformer(nn.Module):

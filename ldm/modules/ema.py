@@ -16,17 +16,17 @@ from torch import nn
 class LitEma(nn.Module):
     """EMA of the parameters of ``model`` that require grad at construction time.
 
-    With ``use_num_updates`` the effective decay warms up as
-    ``min(decay, (1 + n) / (10 + n))`` over the first updates.
+    With ``use_num_upates`` (CompVis's spelling, kept for drop-in configs and callers) the
+    effective decay warms up as ``min(decay, (1 + n) / (10 + n))`` over the first updates.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_updates: bool = True) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_upates: bool = True) -> None:
         super().__init__()
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"Decay must be between 0 and 1, got {decay}.")
         self.m_name2s_name: dict[str, str] = {}
         self.register_buffer("decay", torch.tensor(decay, dtype=torch.float32))
-        self.register_buffer("num_updates", torch.tensor(0 if use_num_updates else -1, dtype=torch.int))
+        self.register_buffer("num_updates", torch.tensor(0 if use_num_upates else -1, dtype=torch.int))
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue

@@ -52,7 +52,8 @@ def _randn(shape: Sequence[int], like_device: torch.device, generator: torch.Gen
 class DDIMSampler:
     """Deterministic (eta = 0) or stochastic DDIM sampling of a ``LatentDiffusion`` model."""
 
-    def __init__(self, model: Any, schedule: str = "linear") -> None:
+    def __init__(self, model: Any, schedule: str = "linear", **kwargs: Any) -> None:
+        """``kwargs`` are accepted and ignored, as in CompVis."""
         self.model = model
         self.ddpm_num_timesteps = model.num_timesteps
         self.schedule = schedule
@@ -234,14 +235,19 @@ class DDIMSampler:
             x_prev = x_prev + sigma_t * _randn(x.shape, x.device, generator).to(x.dtype)
         return x_prev, pred_x0
 
-    def stochastic_encode(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Noise ``x0`` to the level of DDIM index ``t`` (one index per sample) of the current schedule."""
-        self._require_schedule()
+    def stochastic_encode(self, x0: torch.Tensor, t: torch.Tensor, use_original_steps: bool = False,
+                          noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise ``x0`` to the level of DDIM index ``t`` (one index per sample) of the current
+        schedule, or of DDPM step ``t`` with ``use_original_steps``."""
         noise = torch.randn_like(x0) if noise is None else noise
         view = (-1, *[1] * (x0.ndim - 1))
-        sqrt_alpha = self.ddim_alphas.sqrt()[t].view(view).to(x0.dtype)
-        sqrt_one_minus = self.ddim_sqrt_one_minus_alphas[t].view(view).to(x0.dtype)
-        return sqrt_alpha * x0 + sqrt_one_minus * noise
+        if use_original_steps:
+            alphas_cumprod = self.model.alphas_cumprod.to(x0.device)
+            sqrt_alpha, sqrt_one_minus = alphas_cumprod.sqrt()[t], (1.0 - alphas_cumprod).sqrt()[t]
+        else:
+            self._require_schedule()
+            sqrt_alpha, sqrt_one_minus = self.ddim_alphas.sqrt()[t], self.ddim_sqrt_one_minus_alphas[t]
+        return sqrt_alpha.view(view).to(x0.dtype) * x0 + sqrt_one_minus.view(view).to(x0.dtype) * noise
 
     def decode(
         self,
@@ -250,9 +256,16 @@ class DDIMSampler:
         t_start: int,
         unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning: Conditioning | None = None,
+        use_original_steps: bool = False,
         verbose: bool = False,
     ) -> torch.Tensor:
-        """Denoise ``x_latent`` (noised by ``stochastic_encode`` to DDIM index ``t_start - 1``) to x_0."""
+        """Denoise ``x_latent`` (noised by ``stochastic_encode`` to DDIM index ``t_start - 1``) to x_0.
+
+        ``use_original_steps`` (CompVis: every DDPM step as a DDIM step) is not implemented.
+        """
+        if use_original_steps:
+            raise NotImplementedError("DDIMSampler.decode: use_original_steps=True is not implemented; "
+                                      "decode along the DDIM schedule (use_original_steps=False).")
         latent, _ = self.ddim_sampling(
             cond, tuple(x_latent.shape), x_T=x_latent, t_start=t_start,
             unconditional_guidance_scale=unconditional_guidance_scale,

@@ -14,20 +14,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.models.diffusion.ancestral_sampling import DDPMSampling, LatentSampling
+from ldm.models.diffusion.image_logging import LatentImageLogging
+from ldm.models.diffusion.noise_schedule import NoiseSchedule
+from ldm.models.vq_autoencoder import VQModelInterface
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.models.diffusion.wrapper import DiffusionWrapper, disabled_train, freeze_in_eval
-from ldm.util import count_params, default, exists, instantiate_from_config, load_state_dict_file
+from ldm.util import count_params, default, instantiate_from_config, load_state_dict_file
 
-__all__ = ["DDPM", "LatentDiffusion", "DiffusionWrapper", "disabled_train"]
+__all__ = ["DDPM", "LatentDiffusion", "DiffusionWrapper", "Layout2ImgDiffusion", "disabled_train", "uniform_on_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,12 @@ PARAMETERIZATIONS = ("eps", "x0", "v")
 Conditioning = torch.Tensor | list | dict | None
 
 
-class DDPM(pl.LightningModule):
+def uniform_on_device(r1: float, r2: float, shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """Uniform samples in [r2, r1) of ``shape`` on ``device``."""
+    return (r1 - r2) * torch.rand(*shape, device=device) + r2
+
+
+class DDPM(DDPMSampling, NoiseSchedule, pl.LightningModule):
     """Gaussian diffusion in pixel space with a noise schedule and a denoiser ``self.model``."""
 
     cond_stage_trainable = False
@@ -108,104 +115,6 @@ class DDPM(pl.LightningModule):
             self.register_buffer("logvar", logvar, persistent=False)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
-
-    # ----------------------------------------------------------------------------- schedule
-    def register_schedule(
-        self,
-        given_betas: Sequence[float] | None = None,
-        beta_schedule: str = "linear",
-        timesteps: int = 1000,
-        linear_start: float = 1e-4,
-        linear_end: float = 2e-2,
-        cosine_s: float = 8e-3,
-    ) -> None:
-        """Compute the schedule in float64 and store it as float32 buffers (CompVis names)."""
-        if exists(given_betas):
-            betas = np.asarray(given_betas, dtype=np.float64)
-        else:
-            with torch.device("cpu"):  # the numbers are needed even when building on "meta"
-                betas = make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start,
-                                           linear_end=linear_end, cosine_s=cosine_s)
-            betas = np.asarray(betas, dtype=np.float64)
-        alphas = 1.0 - betas
-        alphas_cumprod = np.cumprod(alphas, axis=0)
-        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-        self.num_timesteps = int(betas.shape[0])
-        self.linear_start = linear_start
-        self.linear_end = linear_end
-
-        posterior_variance = ((1 - self.v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-                              + self.v_posterior * betas)
-        buffers = {
-            "betas": betas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
-            "posterior_variance": posterior_variance,
-            # log of the variance clipped: the posterior variance is 0 at the start of the chain
-            "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
-            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-        }
-        for name, value in buffers.items():
-            self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
-
-        if self.parameterization == "eps":
-            with np.errstate(divide="ignore"):  # step 0 has zero posterior variance; replaced below
-                lvlb_weights = betas ** 2 / (2 * posterior_variance * alphas * (1 - alphas_cumprod))
-        elif self.parameterization == "x0":
-            lvlb_weights = 0.5 * np.sqrt(alphas_cumprod) / (2.0 - alphas_cumprod)
-        else:
-            lvlb_weights = np.ones_like(betas)
-        lvlb_weights[0] = lvlb_weights[1]
-        self.register_buffer("lvlb_weights", torch.tensor(lvlb_weights, dtype=torch.float32), persistent=False)
-
-    def _extract(self, name: str, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        return extract_into_tensor(getattr(self, name), t, shape)
-
-    def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and log-variance of q(x_t | x_0)."""
-        mean = self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
-        variance = 1.0 - self._extract("alphas_cumprod", t, x_start.shape)
-        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.shape)
-        return mean, variance, log_variance
-
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Forward noising: z_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
-        noise = default(noise, lambda: torch.randn_like(x_start))
-        return (self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
-                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise)
-
-    def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Velocity target v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0."""
-        return (self._extract("sqrt_alphas_cumprod", t, x.shape) * noise
-                - self._extract("sqrt_one_minus_alphas_cumprod", t, x.shape) * x)
-
-    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
-                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * noise)
-
-    def predict_start_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (self._extract("sqrt_alphas_cumprod", t, x_t.shape) * x_t
-                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t.shape) * v)
-
-    def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (self._extract("sqrt_alphas_cumprod", t, x_t.shape) * v
-                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_t.shape) * x_t)
-
-    def q_posterior(
-        self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (self._extract("posterior_mean_coef1", t, x_t.shape) * x_start
-                + self._extract("posterior_mean_coef2", t, x_t.shape) * x_t)
-        variance = self._extract("posterior_variance", t, x_t.shape)
-        log_variance = self._extract("posterior_log_variance_clipped", t, x_t.shape)
-        return mean, variance, log_variance
 
     # ----------------------------------------------------------------------------- weights
     def init_from_ckpt(
@@ -297,8 +206,8 @@ class DDPM(pl.LightningModule):
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         return self._diffusion_loss(self.model(x_noisy, t), x_start, noise, t)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.p_losses(x, self._random_timesteps(x.shape[0]))
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.p_losses(x, self._random_timesteps(x.shape[0]), *args, **kwargs)
 
     def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self(self.get_input(batch, self.first_stage_key))
@@ -325,7 +234,7 @@ class DDPM(pl.LightningModule):
             self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=False, on_epoch=True,
                           batch_size=len(batch[self.first_stage_key]))
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         if self.use_ema:
             self.model_ema(self.model)
 
@@ -353,7 +262,7 @@ class DDPM(pl.LightningModule):
         return [optimizer], [scheduler]
 
 
-class LatentDiffusion(DDPM):
+class LatentDiffusion(LatentSampling, LatentImageLogging, DDPM):
     """Diffusion in the latent space of a frozen first stage, conditioned by a cond stage."""
 
     def __init__(
@@ -449,11 +358,26 @@ class LatentDiffusion(DDPM):
         return self.scale_factor * z
 
     @torch.no_grad()
-    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        return self.differentiable_decode_first_stage(z)
+    def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False,
+                           force_not_quantize: bool = False) -> torch.Tensor:
+        return self.differentiable_decode_first_stage(z, predict_cids, force_not_quantize)
 
-    def differentiable_decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        return self.first_stage_model.decode(z / self.scale_factor)
+    def differentiable_decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False,
+                                          force_not_quantize: bool = False) -> torch.Tensor:
+        """Images of latents ``z`` (divided by ``scale_factor`` first). With ``predict_cids``, ``z``
+        holds codebook-id logits [B, n_embed, h, w] of a VQ first stage, decoded through their
+        argmax codes; a VQ first stage quantises ``z`` unless ``force_not_quantize`` (or
+        ``predict_cids``) is set."""
+        if predict_cids:
+            if z.ndim == 4:
+                z = z.argmax(dim=1)
+            batch, height, width = z.shape
+            z = self.first_stage_model.quantize.get_codebook_entry(
+                z.reshape(batch, -1), (batch, height, width, self.first_stage_model.embed_dim))
+        z = z / self.scale_factor
+        if isinstance(self.first_stage_model, VQModelInterface):
+            return self.first_stage_model.decode(z, force_not_quantize=predict_cids or force_not_quantize)
+        return self.first_stage_model.decode(z)
 
     # ----------------------------------------------------------------------------- denoiser
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning,
@@ -470,36 +394,55 @@ class LatentDiffusion(DDPM):
         return output
 
     # ----------------------------------------------------------------------------- training
-    def get_input(self, batch: Mapping[str, Any], k: str, bs: int | None = None) -> list[Any]:
-        """[z, c]: the scaled latent of ``batch[k]`` and the conditioning of ``batch[cond_stage_key]``
-        (encoded unless the cond stage is trained, in which case ``forward`` encodes it)."""
+    @torch.no_grad()
+    def get_input(self, batch: Mapping[str, Any], k: str, return_first_stage_outputs: bool = False,
+                  force_c_encode: bool = False, cond_key: str | None = None, return_original_cond: bool = False,
+                  bs: int | None = None) -> list[Any]:
+        """[z, c]: the scaled latent of ``batch[k]`` and the conditioning of ``batch[cond_key]``
+        (default ``cond_stage_key``), encoded unless the cond stage is trained (then ``forward``
+        encodes it) and ``force_c_encode`` is off. ``return_first_stage_outputs`` appends the
+        images and their reconstructions, ``return_original_cond`` the raw conditioning."""
         x = super().get_input(batch, k)
         if bs is not None:
             x = x[:bs]
         z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
-        if self.model.conditioning_key is None:
-            return [z, None]
-        if self.cond_stage_key == self.first_stage_key:
-            xc = x
-        elif self.cond_stage_key in ("caption", "txt", "coordinates_bbox", "class_label"):
-            xc = batch if self.cond_stage_key == "class_label" else batch[self.cond_stage_key]
-        else:
-            xc = super().get_input(batch, self.cond_stage_key)
-        if isinstance(xc, tuple):
-            xc = list(xc)
-        if bs is not None and not isinstance(xc, dict):
-            xc = xc[:bs]
-        c = xc if self.cond_stage_trainable else self.get_learned_conditioning(xc)
-        return [z, c]
+        c = xc = None
+        if self.model.conditioning_key is not None:
+            key = cond_key or self.cond_stage_key
+            if key == self.first_stage_key:
+                xc = x
+            elif key in ("caption", "txt", "coordinates_bbox", "class_label"):
+                xc = batch if key == "class_label" else batch[key]
+            else:
+                xc = super().get_input(batch, key)
+            if isinstance(xc, tuple):
+                xc = list(xc)
+            if bs is not None and not isinstance(xc, dict):
+                xc = xc[:bs]
+            c = self.get_learned_conditioning(xc) if force_c_encode or not self.cond_stage_trainable else xc
+        out = [z, c]
+        if return_first_stage_outputs:
+            out += [x, self.decode_first_stage(z)]
+        if return_original_cond:
+            out.append(xc)
+        return out
 
-    def forward(self, x: torch.Tensor, c: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
+        """Project a many-channel map to 3 channels with a fixed random map, scaled to [-1, 1]."""
+        x = x.float()
+        if not hasattr(self, "colorize"):
+            self.colorize = torch.randn(3, x.shape[1], 1, 1).to(x)
+        x = F.conv2d(x, weight=self.colorize)
+        return 2.0 * (x - x.min()) / (x.max() - x.min()) - 1.0
+
+    def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t = self._random_timesteps(x.shape[0])
         if self.model.conditioning_key is not None:
             if c is None:
                 raise ValueError("This model is conditional: pass a conditioning for every latent.")
             if self.cond_stage_trainable:
                 c = self.get_learned_conditioning(c)
-        return self.p_losses(x, c, t)
+        return self.p_losses(x, c, t, *args, **kwargs)
 
     def p_losses(
         self, x_start: torch.Tensor, cond: Conditioning, t: torch.Tensor, noise: torch.Tensor | None = None
@@ -508,12 +451,12 @@ class LatentDiffusion(DDPM):
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         return self._diffusion_loss(self.apply_model(x_noisy, t, cond), x_start, noise, t)
 
-    def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def shared_step(self, batch: Mapping[str, Any], **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, c = self.get_input(batch, self.first_stage_key)
         return self(x, c)
 
     @torch.no_grad()
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """With ``scale_by_std``, set ``scale_factor`` = 1 / std of the first batch's latents."""
         if not (self.scale_by_std and self.current_epoch == 0 and self.global_step == 0
                 and batch_idx == 0 and not self.restarted_from_ckpt):
@@ -523,3 +466,13 @@ class LatentDiffusion(DDPM):
         z = self.get_first_stage_encoding(self.encode_first_stage(x))
         self.scale_factor.fill_(1.0 / z.flatten().std().item())
         logger.info("scale_factor set to %.5f from the first batch", self.scale_factor.item())
+
+
+def __getattr__(name: str) -> Any:
+    """``Layout2ImgDiffusion`` (CompVis's name here) lives in its own module, which subclasses
+    ``LatentDiffusion``; resolved on first use (PEP 562), so importing either module first works."""
+    if name != "Layout2ImgDiffusion":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from ldm.models.diffusion.layout2img import Layout2ImgDiffusion
+
+    return Layout2ImgDiffusion

@@ -1,17 +1,37 @@
-"""Convolutional encoder / decoder of the CompVis KL autoencoder (the SD v1 VAE).
+"""Convolutional encoder / decoder of the CompVis autoencoders (the SD v1 VAE among them).
 
 Module names and nesting follow CompVis exactly so that checkpoint keys such as
 ``encoder.down.0.block.0.norm1.weight``, ``encoder.mid.attn_1.q.weight`` and
-``decoder.up.3.upsample.conv.weight`` load unchanged.
+``decoder.up.3.upsample.conv.weight`` load unchanged. CompVis's pixel-space DDPM UNet
+(``Model``, in ``pixel_unet``) and its rescaling encoders / decoders (``rescalers``) are
+re-exported at the end of this module.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldm.modules.attention import LinearAttention
+
+
+def get_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """Sinusoidal embeddings [B, embedding_dim] of timesteps [B] as in the DDPM paper's code:
+    order [sin, cos], frequencies 10000^(-i / (half - 1)) (the UNet's ``timestep_embedding``
+    divides by ``half`` and puts cos first)."""
+    if timesteps.ndim != 1:
+        raise ValueError(f"get_timestep_embedding: timesteps must be 1-D, got shape {tuple(timesteps.shape)}.")
+    half = embedding_dim // 2
+    frequencies = torch.exp(
+        torch.arange(half, dtype=torch.float32, device=timesteps.device) * -(math.log(10000) / (half - 1))
+    )
+    args = timesteps.float()[:, None] * frequencies[None]
+    embedding = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(embedding, (0, 1)) if embedding_dim % 2 else embedding
 
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
@@ -128,15 +148,24 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(attended)
 
 
+class LinAttnBlock(LinearAttention):
+    """Single-head linear attention over all channels, usable where ``AttnBlock`` is."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__(dim=in_channels, heads=1, dim_head=in_channels)
+
+
 def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
-    """Attention layer factory: ``"vanilla"`` (AttnBlock) or ``"none"`` (identity)."""
+    """Attention layer factory: ``"vanilla"`` (AttnBlock), ``"linear"`` (LinAttnBlock) or ``"none"``."""
     if attn_type == "vanilla":
         return AttnBlock(in_channels)
+    if attn_type == "linear":
+        return LinAttnBlock(in_channels)
     if attn_type == "none":
         return nn.Identity()
     raise ValueError(
         f"make_attn: attn_type {attn_type!r} is not supported; use 'vanilla' (the SD v1 "
-        "autoencoder) or 'none'."
+        "autoencoder), 'linear' or 'none'."
     )
 
 
@@ -173,7 +202,8 @@ class Encoder(nn.Module):
     """Image -> latent moments (``2 * z_channels`` channels when ``double_z``).
 
     ``give_pre_end`` and ``tanh_out`` are decoder options, accepted (and unused) so one
-    ``ddconfig`` dictionary can build both halves, as in CompVis configs.
+    ``ddconfig`` dictionary can build both halves, as in CompVis configs; like CompVis, other
+    unknown keys are ignored too. ``use_linear_attn`` means ``attn_type="linear"``.
     """
 
     def __init__(
@@ -190,11 +220,15 @@ class Encoder(nn.Module):
         resolution: int,
         z_channels: int,
         double_z: bool = True,
+        use_linear_attn: bool = False,
         attn_type: str = "vanilla",
         give_pre_end: bool = False,
         tanh_out: bool = False,
+        **ignore_kwargs: Any,
     ) -> None:
         super().__init__()
+        if use_linear_attn:
+            attn_type = "linear"
         _check_ddconfig(ch_mult, resolution)
         self.ch = ch
         self.num_resolutions = len(ch_mult)
@@ -248,7 +282,8 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """Latent -> image. ``double_z`` is an encoder option, accepted (and unused) so one
-    ``ddconfig`` dictionary can build both halves, as in CompVis configs."""
+    ``ddconfig`` dictionary can build both halves, as in CompVis configs; like CompVis, other
+    unknown keys are ignored too. ``use_linear_attn`` means ``attn_type="linear"``."""
 
     def __init__(
         self,
@@ -265,10 +300,14 @@ class Decoder(nn.Module):
         z_channels: int,
         give_pre_end: bool = False,
         tanh_out: bool = False,
+        use_linear_attn: bool = False,
         attn_type: str = "vanilla",
         double_z: bool = True,
+        **ignorekwargs: Any,
     ) -> None:
         super().__init__()
+        if use_linear_attn:
+            attn_type = "linear"
         _check_ddconfig(ch_mult, resolution)
         self.ch = ch
         self.num_resolutions = len(ch_mult)
@@ -324,3 +363,36 @@ class Decoder(nn.Module):
             return h
         h = self.conv_out(nonlinearity(self.norm_out(h)))
         return torch.tanh(h) if self.tanh_out else h
+
+
+#: CompVis's names defined in modules that build on the blocks above (see ``__getattr__``).
+_REEXPORTED = (
+    "Model",
+    "FirstStagePostProcessor",
+    "LatentRescaler",
+    "MergedRescaleDecoder",
+    "MergedRescaleEncoder",
+    "Resize",
+    "SimpleDecoder",
+    "Upsampler",
+    "UpsampleDecoder",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve ``_REEXPORTED`` on first use (PEP 562), so that importing either module first works."""
+    if name not in _REEXPORTED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from ldm.modules.diffusionmodules.pixel_unet import Model  # noqa: F401
+    from ldm.modules.diffusionmodules.rescalers import (  # noqa: F401
+        FirstStagePostProcessor,
+        LatentRescaler,
+        MergedRescaleDecoder,
+        MergedRescaleEncoder,
+        Resize,
+        SimpleDecoder,
+        Upsampler,
+        UpsampleDecoder,
+    )
+
+    return locals()[name]

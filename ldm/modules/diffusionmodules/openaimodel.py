@@ -1,188 +1,55 @@
-"""The text-conditioned diffusion UNet of Stable Diffusion v1 (CompVis ``openaimodel.py`` interface).
+"""The diffusion UNet of latent diffusion (CompVis ``openaimodel.py`` interface).
 
 Constructor signature, module tree and state-dict keys match CompVis, so
-``configs/stable-diffusion/v1-inference.yaml`` and the released checkpoints load unchanged.
-Supported: the spatial-transformer (cross-attention) UNet of SD v1 and smaller variants of
-it, optionally class-conditional (``num_classes``), with scale-shift norm or resblock
-up/down-sampling. Options only other LDMs use raise ``NotImplementedError``.
+``configs/stable-diffusion/v1-inference.yaml``, the other CompVis LDM configs and their
+checkpoints load unchanged: the spatial-transformer (cross-attention) UNet of SD v1 and the
+self-attention (``AttentionBlock``) UNet of the unconditional and class-conditional LDMs,
+optionally class-conditional (``num_classes``), with scale-shift norm, resblock
+up/down-sampling, codebook-id prediction (``n_embed``) or a float16 torso (``use_fp16``).
+The blocks live in ``unet_blocks`` and ``attention_blocks`` and the half UNet classifier in
+``encoder_unet``; all are re-exported here under their CompVis names.
 """
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.diffusionmodules.util import (
-    avg_pool_nd,
-    checkpoint,
-    conv_nd,
-    linear,
-    normalization,
-    timestep_embedding,
-    zero_module,
+from ldm.modules.diffusionmodules.attention_blocks import (  # noqa: F401  (CompVis names)
+    AttentionBlock,
+    AttentionPool2d,
+    QKVAttention,
+    QKVAttentionLegacy,
+    convert_module_to_f16,
+    convert_module_to_f32,
+    count_flops_attn,
 )
-
-
-class TimestepBlock(nn.Module):
-    """A module whose forward takes the timestep embedding as a second argument."""
-
-    @abstractmethod
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """Apply the module to ``x`` given the timestep embeddings ``emb``."""
-
-
-class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
-    """A sequence that hands the timestep embedding and the context to the children needing them."""
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        for layer in self:
-            if isinstance(layer, TimestepBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
-            else:
-                x = layer(x)
-        return x
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling (3-D: inner two dims only), optionally followed by a 3x3 conv."""
-
-    def __init__(
-        self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None, padding: int = 1
-    ) -> None:
-        super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        self.use_conv = use_conv
-        self.dims = dims
-        if use_conv:
-            self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=padding)
-        elif self.out_channels != channels:
-            raise ValueError("Upsample without a conv cannot change the number of channels; set use_conv=True.")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_channels(x, self.channels, "Upsample")
-        if self.dims == 3:
-            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
-        else:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-        return self.conv(x) if self.use_conv else x
-
-
-class Downsample(nn.Module):
-    """2x downsampling (3-D: inner two dims only) by a strided 3x3 conv or by average pooling."""
-
-    def __init__(
-        self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None, padding: int = 1
-    ) -> None:
-        super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        self.use_conv = use_conv
-        self.dims = dims
-        stride = 2 if dims != 3 else (1, 2, 2)
-        if use_conv:
-            self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=padding)
-        elif self.out_channels != channels:
-            raise ValueError("Downsample without a conv cannot change the number of channels; set use_conv=True.")
-        else:
-            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_channels(x, self.channels, "Downsample")
-        return self.op(x)
-
-
-def _check_channels(x: torch.Tensor, channels: int, layer: str) -> None:
-    if x.shape[1] != channels:
-        raise ValueError(f"{layer} expects {channels} input channels, got {x.shape[1]}.")
-
-
-class ResBlock(TimestepBlock):
-    """Residual block conditioned on the timestep embedding (added, or as scale and shift)."""
-
-    def __init__(
-        self,
-        channels: int,
-        emb_channels: int,
-        dropout: float,
-        out_channels: int | None = None,
-        use_conv: bool = False,
-        use_scale_shift_norm: bool = False,
-        dims: int = 2,
-        use_checkpoint: bool = False,
-        up: bool = False,
-        down: bool = False,
-    ) -> None:
-        super().__init__()
-        self.channels = channels
-        self.emb_channels = emb_channels
-        self.dropout = dropout
-        self.out_channels = out_channels or channels
-        self.use_conv = use_conv
-        self.use_checkpoint = use_checkpoint
-        self.use_scale_shift_norm = use_scale_shift_norm
-
-        self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
-        )
-        self.updown = up or down
-        if up:
-            self.h_upd, self.x_upd = Upsample(channels, False, dims), Upsample(channels, False, dims)
-        elif down:
-            self.h_upd, self.x_upd = Downsample(channels, False, dims), Downsample(channels, False, dims)
-        else:
-            self.h_upd = self.x_upd = nn.Identity()
-        self.emb_layers = nn.Sequential(
-            nn.SiLU(), linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
-        )
-        self.out_layers = nn.Sequential(
-            normalization(self.out_channels),
-            nn.SiLU(),
-            nn.Dropout(p=dropout),
-            zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
-        )
-        if self.out_channels == channels:
-            self.skip_connection = nn.Identity()
-        elif use_conv:
-            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
-        else:
-            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
-
-    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.updown:
-            h = self.in_layers[:-1](x)
-            h = self.in_layers[-1](self.h_upd(h))
-            x = self.x_upd(x)
-        else:
-            h = self.in_layers(x)
-        emb_out = self.emb_layers(emb).type(h.dtype)
-        emb_out = emb_out.reshape(*emb_out.shape, *((1,) * (h.ndim - emb_out.ndim)))
-        if self.use_scale_shift_norm:
-            scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[1:](h)
-        else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+from ldm.modules.diffusionmodules.encoder_unet import EncoderUNetModel  # noqa: F401
+from ldm.modules.diffusionmodules.unet_blocks import (  # noqa: F401
+    Downsample,
+    ResBlock,
+    TimestepBlock,
+    TimestepEmbedSequential,
+    TransposedUpsample,
+    Upsample,
+)
+from ldm.modules.diffusionmodules.util import conv_nd, linear, normalization, timestep_embedding, zero_module
 
 
 class UNetModel(nn.Module):
-    """The diffusion UNet: ``forward(x, timesteps, context)`` -> eps (or v) prediction.
+    """The diffusion UNet: ``forward(x, timesteps, context, y)`` -> eps (or v) prediction.
 
-    ``num_heads_upsample`` and ``use_new_attention_order`` only concern the self-attention
-    ``AttentionBlock`` of non-text LDMs, which is not implemented; ``use_fp16`` is replaced by
-    casting the module (``.half()`` / ``.to(dtype)``): forward follows the module's dtype.
-    ``use_checkpoint`` also controls the transformer blocks (CompVis v1 always checkpoints them).
+    Attention layers are ``SpatialTransformer`` (cross-attention to ``context``) with
+    ``use_spatial_transformer``, else ``AttentionBlock`` (self-attention; upsampling levels use
+    ``num_heads_upsample`` heads, which defaults to ``num_heads``). Heads per level follow
+    CompVis: ``num_head_channels`` fixes the head width, otherwise ``num_heads`` the head
+    count; ``legacy`` keeps CompVis's original head-width rule. ``use_fp16`` casts the torso
+    (input, middle and output blocks) to float16; the input is cast to the torso's dtype and
+    the output back to the input's. ``use_checkpoint`` also controls the transformer blocks
+    (CompVis v1 always checkpoints them). With ``n_embed`` forward returns codebook-id logits.
     """
 
     def __init__(
@@ -193,7 +60,7 @@ class UNetModel(nn.Module):
         out_channels: int,
         num_res_blocks: int,
         attention_resolutions: Sequence[int],
-        dropout: float = 0.0,
+        dropout: float = 0,
         channel_mult: Sequence[int] = (1, 2, 4, 8),
         conv_resample: bool = True,
         dims: int = 2,
@@ -213,17 +80,8 @@ class UNetModel(nn.Module):
         legacy: bool = True,
     ) -> None:
         super().__init__()
-        _check_supported(
-            use_fp16=use_fp16,
-            use_new_attention_order=use_new_attention_order,
-            n_embed=n_embed,
-            use_spatial_transformer=use_spatial_transformer,
-            context_dim=context_dim,
-            dims=dims,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            num_heads_upsample=num_heads_upsample,
-        )
+        _check_supported(use_spatial_transformer=use_spatial_transformer, context_dim=context_dim, dims=dims,
+                         num_heads=num_heads, num_head_channels=num_head_channels)
         self.image_size = image_size
         self.in_channels = in_channels
         self.model_channels = model_channels
@@ -237,9 +95,13 @@ class UNetModel(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
+        self.use_spatial_transformer = use_spatial_transformer
+        self.use_new_attention_order = use_new_attention_order
         self.legacy = legacy
         self.context_dim = context_dim
         self.transformer_depth = transformer_depth
+        self.predict_codebook_ids = n_embed is not None
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -260,16 +122,10 @@ class UNetModel(nn.Module):
                 **updown,
             )
 
-        def transformer(channels: int) -> SpatialTransformer:
-            heads, dim_head = self._heads_and_dim_head(channels)
-            return SpatialTransformer(
-                channels, heads, dim_head, depth=transformer_depth, context_dim=context_dim,
-                use_checkpoint=use_checkpoint,
-            )
-
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))]
         )
+        self._feature_size = model_channels
         input_block_chans = [model_channels]
         ch = model_channels
         ds = 1
@@ -278,16 +134,19 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [res_block(ch, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in self.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(self._attention(ch))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
+                self._feature_size += ch
                 input_block_chans.append(ch)
             if level != len(self.channel_mult) - 1:
                 down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims=dims)
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 input_block_chans.append(ch)
                 ds *= 2
+                self._feature_size += ch
 
-        self.middle_block = TimestepEmbedSequential(res_block(ch), transformer(ch), res_block(ch))
+        self.middle_block = TimestepEmbedSequential(res_block(ch), self._attention(ch), res_block(ch))
+        self._feature_size += ch
 
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(self.channel_mult))[::-1]:
@@ -295,25 +154,50 @@ class UNetModel(nn.Module):
                 layers = [res_block(ch + input_block_chans.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if ds in self.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(self._attention(ch, upsampling=True))
                 if level and i == num_res_blocks:
                     up = res_block(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims=dims)
                     layers.append(up)
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
+                self._feature_size += ch
 
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1))
         )
+        if self.predict_codebook_ids:
+            self.id_predictor = nn.Sequential(normalization(ch), conv_nd(dims, model_channels, n_embed, 1))
+        if use_fp16:
+            self.convert_to_fp16()
 
-    def _heads_and_dim_head(self, channels: int) -> tuple[int, int]:
-        """Attention heads and head width at a level with ``channels`` channels (CompVis rule)."""
+    def _attention(self, channels: int, upsampling: bool = False) -> nn.Module:
+        """The attention layer at a level with ``channels`` channels (CompVis's head rule)."""
         if self.num_head_channels == -1:
-            heads = self.num_heads
+            heads, dim_head = self.num_heads, channels // self.num_heads
         else:
-            heads = channels // self.num_head_channels
-        # CompVis's legacy and non-legacy branches agree for spatial transformers.
-        return heads, channels // heads
+            heads, dim_head = channels // self.num_head_channels, self.num_head_channels
+        if self.legacy:
+            dim_head = channels // heads if self.use_spatial_transformer else self.num_head_channels
+        if self.use_spatial_transformer:
+            return SpatialTransformer(channels, heads, dim_head, depth=self.transformer_depth,
+                                      context_dim=self.context_dim, use_checkpoint=self.use_checkpoint)
+        return AttentionBlock(
+            channels,
+            num_heads=self.num_heads_upsample if upsampling else heads,
+            num_head_channels=dim_head,
+            use_checkpoint=self.use_checkpoint,
+            use_new_attention_order=self.use_new_attention_order,
+        )
+
+    def convert_to_fp16(self) -> None:
+        """Cast the torso (input, middle and output blocks) to float16."""
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            part.apply(convert_module_to_f16)
+
+    def convert_to_fp32(self) -> None:
+        """Cast the torso back to float32."""
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            part.apply(convert_module_to_f32)
 
     def forward(
         self,
@@ -325,16 +209,19 @@ class UNetModel(nn.Module):
     ) -> torch.Tensor:
         """Predict from ``x`` [B, C, H, W] at ``timesteps`` [B] given ``context`` [B, L, context_dim].
 
-        ``y`` [B] holds class labels and is required exactly when ``num_classes`` is set.
-        Extra keyword arguments are accepted and ignored, as in CompVis.
+        ``context`` is required exactly for the cross-attention UNet; ``y`` [B] holds class
+        labels and is required exactly when ``num_classes`` is set. Extra keyword arguments
+        are accepted and ignored, as in CompVis.
         """
         self._check_inputs(x, timesteps, context, y)
-        dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        torso = self.input_blocks[0][0].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
-        h = x.to(dtype)
-        context = context.to(dtype)
+        emb = emb.to(torso)
+        h = x.to(torso)
+        if context is not None:
+            context = context.to(torso)
         skips = []
         for module in self.input_blocks:
             h = module(h, emb, context)
@@ -342,25 +229,27 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
             h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h).to(x.dtype)
+        head = self.id_predictor if self.predict_codebook_ids else self.out
+        return head(h.to(head[-1].weight.dtype)).to(x.dtype)
 
     def _check_inputs(
         self, x: torch.Tensor, timesteps: torch.Tensor | None, context: torch.Tensor | None, y: torch.Tensor | None
     ) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
+        if x.ndim < 3 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}.")
         factor = 2 ** (len(self.channel_mult) - 1)
-        if x.shape[2] % factor or x.shape[3] % factor:
+        if any(size % factor for size in x.shape[2:]):
             raise ValueError(
-                f"x's height and width {tuple(x.shape[2:])} must be multiples of {factor} "
+                f"x's spatial size {tuple(x.shape[2:])} must be multiples of {factor} "
                 f"({len(self.channel_mult)} resolution levels)."
             )
         if timesteps is None or timesteps.shape != (x.shape[0],):
             got = None if timesteps is None else tuple(timesteps.shape)
             raise ValueError(f"timesteps must be a 1-D tensor with one entry per sample ({x.shape[0]}), got {got}.")
-        got = None if context is None else tuple(context.shape)
-        if got is None or len(got) != 3 or got[0] != x.shape[0] or got[2] != self.context_dim:
-            raise ValueError(f"context must be [B={x.shape[0]}, L, {self.context_dim}], got {got}.")
+        if self.use_spatial_transformer:
+            got = None if context is None else tuple(context.shape)
+            if got is None or len(got) != 3 or got[0] != x.shape[0] or got[2] != self.context_dim:
+                raise ValueError(f"context must be [B={x.shape[0]}, L, {self.context_dim}], got {got}.")
         if (y is None) != (self.num_classes is None):
             raise ValueError(
                 "class labels y must be given if and only if the model is class-conditional "
@@ -369,36 +258,17 @@ class UNetModel(nn.Module):
 
 
 def _check_supported(
-    *,
-    use_fp16: bool,
-    use_new_attention_order: bool,
-    n_embed: int | None,
-    use_spatial_transformer: bool,
-    context_dim: object,
-    dims: int,
-    num_heads: int,
-    num_head_channels: int,
-    num_heads_upsample: int,
+    *, use_spatial_transformer: bool, context_dim: object, dims: int, num_heads: int, num_head_channels: int
 ) -> None:
-    """Reject configurations this UNet does not implement, naming the option."""
-    if use_fp16:
-        raise NotImplementedError("use_fp16 is not supported; cast the model instead (model.half() or .to(dtype)).")
-    if use_new_attention_order:
-        raise NotImplementedError("use_new_attention_order (AttentionBlock variant) is not supported; set it False.")
-    if n_embed is not None:
-        raise NotImplementedError("n_embed (codebook-id prediction) is not supported; leave it unset.")
+    """Reject inconsistent configurations, naming the option."""
+    if num_heads == -1 and num_head_channels == -1:
+        raise ValueError("Set num_heads or num_head_channels (num_head_channels wins when both are set).")
     if not use_spatial_transformer:
-        raise NotImplementedError(
-            "use_spatial_transformer=False (self-attention-only AttentionBlock UNet) is not supported; "
-            "set use_spatial_transformer: True and context_dim."
-        )
+        if context_dim is not None:
+            raise ValueError("context_dim is set but use_spatial_transformer is False; cross-attention needs "
+                             "use_spatial_transformer: True.")
+        return
     if not isinstance(context_dim, int) or isinstance(context_dim, bool):
         raise ValueError(f"context_dim must be an integer (the text embedding width), got {context_dim!r}.")
     if dims != 2:
-        raise NotImplementedError(f"dims={dims} is not supported: the spatial transformer is 2-D; use dims=2.")
-    if num_heads == -1 and num_head_channels == -1:
-        raise ValueError("Set num_heads or num_head_channels (num_head_channels wins when both are set).")
-    if num_heads_upsample not in (-1, num_heads):
-        raise NotImplementedError(
-            "num_heads_upsample only affects the AttentionBlock path, which is not supported; leave it at -1."
-        )
+        raise ValueError(f"dims={dims} with use_spatial_transformer: the spatial transformer is 2-D; use dims=2.")

@@ -1,7 +1,7 @@
 """Building blocks shared by the diffusion UNet and the samplers (CompVis ``util.py`` interface).
 
-Only the helpers Stable Diffusion v1 uses are provided: schedules, DDIM step selection,
-timestep embeddings, layer factories, float32 group norm and gradient checkpointing.
+Schedules, DDIM step selection, timestep embeddings, layer factories, float32 group norm,
+gradient checkpointing and the hybrid (concat + cross-attention) conditioner.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from ldm.util import instantiate_from_config, mean_flat  # noqa: F401  (CompVis imports mean_flat from here)
 
 BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
 
@@ -48,6 +50,18 @@ def make_beta_schedule(
     else:
         raise ValueError(f"Unknown beta schedule '{schedule}'; choose one of {BETA_SCHEDULES}.")
     return betas.numpy()
+
+
+def betas_for_alpha_bar(
+    num_diffusion_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
+) -> np.ndarray:
+    """Betas whose cumulative product of (1 - beta) follows ``alpha_bar(t)`` on t in [0, 1].
+
+    beta_i = 1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), capped at ``max_beta`` so that the
+    last steps of schedules reaching alpha_bar(1) = 0 stay finite.
+    """
+    grid = [step / num_diffusion_timesteps for step in range(num_diffusion_timesteps + 1)]
+    return np.array([min(1.0 - alpha_bar(t1) / alpha_bar(t0), max_beta) for t0, t1 in zip(grid, grid[1:])])
 
 
 def make_ddim_timesteps(
@@ -129,6 +143,37 @@ def checkpoint(
     return func(*inputs)
 
 
+class CheckpointFunction(torch.autograd.Function):
+    """CompVis's reentrant gradient checkpoint as an autograd function.
+
+    ``CheckpointFunction.apply(run_function, length, *args)``: the first ``length`` of ``args``
+    are the inputs of ``run_function``, the rest the parameters that need gradients. Forward
+    runs without storing activations; backward runs ``run_function`` again with grad enabled.
+    ``checkpoint`` above uses PyTorch's non-reentrant checkpoint instead; this class is kept
+    for code that calls it directly.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, run_function: Callable[..., Any], length: int, *args: Any) -> Any:
+        ctx.run_function = run_function
+        ctx.input_tensors = list(args[:length])
+        ctx.input_params = list(args[length:])
+        with torch.no_grad():
+            return run_function(*ctx.input_tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *output_grads: torch.Tensor) -> tuple[Any, ...]:
+        inputs = [x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) else x for x in ctx.input_tensors]
+        with torch.enable_grad():
+            # view_as gives fresh tensors, so an in-place first op cannot modify the detached inputs.
+            outputs = ctx.run_function(*[x.view_as(x) if isinstance(x, torch.Tensor) else x for x in inputs])
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        tensor_inputs = [x for x in inputs if isinstance(x, torch.Tensor)]
+        grads = iter(torch.autograd.grad(outputs, tensor_inputs + ctx.input_params, output_grads, allow_unused=True))
+        input_grads = [next(grads) if isinstance(x, torch.Tensor) else None for x in inputs]
+        return (None, None, *input_grads, *grads)
+
+
 def timestep_embedding(
     timesteps: torch.Tensor, dim: int, max_period: int = 10000, repeat_only: bool = False
 ) -> torch.Tensor:
@@ -151,6 +196,20 @@ def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.detach().zero_()
     return module
+
+
+def scale_module(module: nn.Module, scale: float) -> nn.Module:
+    """Multiply all parameters of ``module`` by ``scale`` in place and return it."""
+    for p in module.parameters():
+        p.detach().mul_(scale)
+    return module
+
+
+class SiLU(nn.Module):
+    """x * sigmoid(x) (``nn.SiLU``; kept as a class of its own for CompVis imports)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x)
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -189,3 +248,18 @@ def avg_pool_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     if dims not in pools:
         raise ValueError(f"Unsupported number of dimensions: {dims}; use 1, 2 or 3.")
     return pools[dims](*args, **kwargs)
+
+
+class HybridConditioner(nn.Module):
+    """Two conditioners at once: one for channel-concatenated, one for cross-attention input."""
+
+    def __init__(self, c_concat_config: Any, c_crossattn_config: Any) -> None:
+        super().__init__()
+        self.concat_conditioner = instantiate_from_config(c_concat_config)
+        self.crossattn_conditioner = instantiate_from_config(c_crossattn_config)
+
+    def forward(self, c_concat: Any, c_crossattn: Any) -> dict[str, list[torch.Tensor]]:
+        return {
+            "c_concat": [self.concat_conditioner(c_concat)],
+            "c_crossattn": [self.crossattn_conditioner(c_crossattn)],
+        }

@@ -1,4 +1,4 @@
-"""Diagonal Gaussian posterior of the KL autoencoder, and the Gaussian KL helper of ddpm."""
+"""Diagonal Gaussian posterior of the KL autoencoder, the point mass, and the Gaussian KL helper of ddpm."""
 
 from __future__ import annotations
 
@@ -8,7 +8,30 @@ from typing import Sequence
 import torch
 
 
-class DiagonalGaussianDistribution:
+class AbstractDistribution:
+    """A distribution that can be sampled and has a mode."""
+
+    def sample(self) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement sample().")
+
+    def mode(self) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement mode().")
+
+
+class DiracDistribution(AbstractDistribution):
+    """All mass on ``value``: sampling and the mode both return it."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+    def sample(self) -> torch.Tensor:
+        return self.value
+
+    def mode(self) -> torch.Tensor:
+        return self.value
+
+
+class DiagonalGaussianDistribution(AbstractDistribution):
     """Gaussian with diagonal covariance, parameterised by ``[mean, logvar]`` along dim 1.
 
     ``logvar`` is clamped to [-30, 20] as in CompVis so that ``exp`` stays finite.

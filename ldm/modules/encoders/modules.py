@@ -1,4 +1,12 @@
-"""Text conditioning of SD v1: the frozen CLIP text encoder (``cond_stage_model``)."""
+"""Conditioning encoders (``cond_stage_model``): SD v1's frozen CLIP text encoder here, and
+CompVis's other encoders re-exported from ``ldm_conditioners`` and ``openai_clip``.
+
+``FrozenCLIPEmbedder`` needs no Hugging Face Hub to be built: its tokenizer is loaded when
+first used, on the ``meta`` device (``with torch.device("meta")``) no weights are loaded, and
+for SD v1's ``openai/clip-vit-large-patch14`` without Hub access the text model is built from
+that model's known architecture with random weights, which the SD checkpoint replaces
+(``cond_stage_model.transformer.*``).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm.modules.encoders.ldm_conditioners import (  # noqa: F401  (CompVis names)
+    AbstractEncoder,
+    BERTEmbedder,
+    BERTTokenizer,
+    ClassEmbedder,
+    SpatialRescaler,
+    TransformerEmbedder,
+)
+from ldm.modules.encoders.openai_clip import FrozenClipImageEmbedder, FrozenCLIPTextEmbedder  # noqa: F401
+
 logger = logging.getLogger(__name__)
+
+# The text model of SD v1's CLIP ViT-L/14 (the Hub's config.json of openai/clip-vit-large-patch14).
+_KNOWN_TEXT_CONFIGS = {
+    "openai/clip-vit-large-patch14": dict(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        bos_token_id=0, pad_token_id=1, eos_token_id=2,
+    ),
+}
 
 _TORCH_WEIGHT_FILES = (
     "model.safetensors",
@@ -28,19 +54,17 @@ _CHECKPOINT_TEXT_PREFIX = "transformer.text_model."
 _POSITION_IDS = "embeddings.position_ids"
 
 
-class AbstractEncoder(nn.Module):
-    """Base class of conditioning encoders: ``encode`` maps a condition to its embedding."""
-
-    def encode(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(f"{type(self).__name__} must implement encode().")
-
-
 def _looks_like_path(version: str) -> bool:
     """A hub id is ``name`` or ``owner/name``; anything else is meant as a local path."""
     return version.startswith(("/", ".", "~")) or version.count("/") > 1 or "\\" in version
 
 
-def _load_local(directory: Path) -> tuple[CLIPTokenizer, CLIPTextModel]:
+def _on_meta_device() -> bool:
+    """True inside ``with torch.device("meta")``: modules built now get no real weights."""
+    return torch.empty(0).device.type == "meta"
+
+
+def _check_local(directory: Path) -> None:
     if not directory.is_dir():
         raise FileNotFoundError(
             f"FrozenCLIPEmbedder: local directory {str(directory)!r} does not exist (resolved to "
@@ -53,28 +77,44 @@ def _load_local(directory: Path) -> tuple[CLIPTokenizer, CLIPTextModel]:
             f"FrozenCLIPEmbedder: {str(directory)!r} lacks {absent}; a CLIP text-encoder directory needs "
             "vocab.json, merges.txt and config.json (weights optional)."
         )
-    tokenizer = CLIPTokenizer.from_pretrained(directory, local_files_only=True)
-    if any((directory / name).is_file() for name in _TORCH_WEIGHT_FILES):
-        return tokenizer, CLIPTextModel.from_pretrained(directory, local_files_only=True)
+
+
+def _local_text_model(directory: Path) -> CLIPTextModel:
+    if not _on_meta_device() and any((directory / name).is_file() for name in _TORCH_WEIGHT_FILES):
+        return CLIPTextModel.from_pretrained(directory, local_files_only=True)
     logger.info(
-        "FrozenCLIPEmbedder: %s holds no weights; text model built from config.json with random "
-        "weights, which must be loaded from the model checkpoint (cond_stage_model.transformer.*).",
+        "FrozenCLIPEmbedder: %s holds no weights (or the meta device is active); text model built from "
+        "config.json without weights, which must be loaded from the model checkpoint "
+        "(cond_stage_model.transformer.*).",
         directory,
     )
-    return tokenizer, CLIPTextModel(CLIPTextConfig.from_pretrained(directory, local_files_only=True))
+    return CLIPTextModel(CLIPTextConfig.from_pretrained(directory, local_files_only=True))
 
 
-def _load_from_hub(repo_id: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
+def _hub_text_model(repo_id: str) -> CLIPTextModel:
     try:
-        transformer = CLIPTextModel.from_pretrained(repo_id)
-        tokenizer = CLIPTokenizer.from_pretrained(repo_id)
-    except (OSError, TypeError) as err:  # offline, a missing vocab file surfaces as a TypeError
-        raise OSError(
-            f"FrozenCLIPEmbedder: could not load {repo_id!r} from the Hugging Face Hub or its cache "
-            f"({err}). Without network access pass version=<local directory> holding the tokenizer "
-            "files and config.json (weights optional)."
-        ) from err
-    return tokenizer, transformer
+        if _on_meta_device():
+            return CLIPTextModel(CLIPTextConfig.from_pretrained(repo_id))
+        return CLIPTextModel.from_pretrained(repo_id)
+    except (OSError, TypeError):  # offline; a missing file can surface as a TypeError
+        if repo_id not in _KNOWN_TEXT_CONFIGS:
+            raise _unavailable(repo_id, "text model") from None
+    logger.warning(
+        "FrozenCLIPEmbedder: %s is not reachable on the Hugging Face Hub; its text model is built from the "
+        "known architecture with random weights, which must be loaded from the model checkpoint "
+        "(cond_stage_model.transformer.*).",
+        repo_id,
+    )
+    return CLIPTextModel(CLIPTextConfig(**_KNOWN_TEXT_CONFIGS[repo_id]))
+
+
+def _unavailable(repo_id: str, what: str) -> OSError:
+    return OSError(
+        f"FrozenCLIPEmbedder: the CLIP {what} {repo_id!r} (cond_stage_config.params.version) is neither in the "
+        f"Hugging Face cache nor reachable on the Hub. Fetch it once where the Hub is reachable "
+        f"(huggingface-cli download {repo_id} --local-dir clip-tokenizer) and set "
+        "cond_stage_config.params.version to that local directory."
+    )
 
 
 def _add_text_model_prefix(
@@ -96,16 +136,19 @@ def _add_text_model_prefix(
 class FrozenCLIPEmbedder(AbstractEncoder):
     """CLIP text encoder (transformers) returning per-token hidden states for prompts.
 
-    ``version`` is a hub id or a local directory (loaded offline; see ``_load_local``).
-    ``layer``: ``"last"`` (SD v1: last_hidden_state), ``"pooled"`` (pooled output as one
-    token) or ``"hidden"`` (``hidden_states[layer_idx]``). The module's device follows
-    ``.to()``; ``device`` only sets the initial placement.
+    ``version`` is a hub id or a local directory (loaded offline; it needs the tokenizer files
+    and config.json, weights optional). ``layer``: ``"last"`` (SD v1: last_hidden_state),
+    ``"pooled"`` (pooled output as one token) or ``"hidden"`` (``hidden_states[layer_idx]``).
+    The tokenizer is loaded when first used (``tokenizer``); without Hub access that raises
+    one short ``OSError`` naming ``cond_stage_config.params.version``. The module stays where
+    it is built and follows ``.to()``; tokens go to the text model's device. ``device`` is
+    CompVis's parameter, kept for drop-in configs: CompVis moved tokens there.
     """
 
     def __init__(
         self,
         version: str = "openai/clip-vit-large-patch14",
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "cuda",
         max_length: int = 77,
         freeze: bool = True,
         layer: str = "last",
@@ -117,10 +160,14 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         if (layer == "hidden") != (layer_idx is not None):
             raise ValueError("FrozenCLIPEmbedder: pass layer_idx exactly when layer='hidden'.")
         local = Path(version).expanduser()
-        if local.exists() or _looks_like_path(version):
-            self.tokenizer, self.transformer = _load_local(local)
+        self.version = version
+        self._local_directory = local if local.exists() or _looks_like_path(version) else None
+        if self._local_directory is not None:
+            _check_local(local)
+            self.transformer = _local_text_model(local)
         else:
-            self.tokenizer, self.transformer = _load_from_hub(version)
+            self.transformer = _hub_text_model(version)
+        self._tokenizer: CLIPTokenizer | None = None
         positions = self.transformer.config.max_position_embeddings
         if not 0 < max_length <= positions:
             raise ValueError(
@@ -131,9 +178,25 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         self.layer = layer
         self.layer_idx = layer_idx
         self.register_state_dict_post_hook(_add_text_model_prefix)
-        self.to(device)
         if freeze:
             self.freeze()
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        """The CLIP tokenizer, loaded on first use (from the local directory, or the Hub / its cache)."""
+        if self._tokenizer is None:
+            if self._local_directory is not None:
+                self._tokenizer = CLIPTokenizer.from_pretrained(self._local_directory, local_files_only=True)
+            else:
+                try:
+                    self._tokenizer = CLIPTokenizer.from_pretrained(self.version)
+                except (OSError, TypeError):  # offline; a missing vocab file surfaces as a TypeError
+                    raise _unavailable(self.version, "tokenizer") from None
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: CLIPTokenizer) -> None:
+        self._tokenizer = tokenizer
 
     @property
     def has_text_model_level(self) -> bool:
