@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
+from tqdm import tqdm, trange
 
 from erasure.errors import GenerationError, PromptFileError
 from erasure.files import atomic_path
@@ -48,6 +50,29 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
     parser.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast",
                         help="evaluate at this precision (autocast applies on CUDA only)")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, *, outdir: str, n_iter: int, n_samples: int,
+                       scale: float) -> None:
+    """The flags both scripts take from CompVis (prompt, outputs, DDIM steps, batch, guidance), with
+    the script's own defaults for ``--outdir``, ``--n_iter``, ``--n_samples`` and ``--scale``."""
+    parser.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
+                        help="the prompt to render")
+    parser.add_argument("--outdir", type=str, nargs="?", default=outdir, help="dir to write results to")
+    parser.add_argument("--skip_grid", action="store_true",
+                        help="do not save a grid, only individual samples. Helpful when evaluating lots of samples")
+    parser.add_argument("--skip_save", action="store_true", help="do not save individual samples. For speed measurements.")
+    parser.add_argument("--ddim_steps", type=int, default=50, help="number of ddim sampling steps")
+    parser.add_argument("--fixed_code", action="store_true", help="if enabled, uses the same starting code across samples ")
+    parser.add_argument("--ddim_eta", type=float, default=0.0,
+                        help="ddim eta (eta=0.0 corresponds to deterministic sampling")
+    parser.add_argument("--n_iter", type=int, default=n_iter, help="sample this often")
+    parser.add_argument("--n_samples", type=int, default=n_samples,
+                        help="how many samples to produce for each given prompt. A.k.a. batch size")
+    parser.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default: n_samples)")
+    parser.add_argument("--scale", type=float, default=scale,
+                        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
+    parser.add_argument("--from-file", type=str, help="if specified, load prompts from this file")
 
 
 def sampling_device() -> torch.device:
@@ -107,6 +132,41 @@ def precision_scope(precision: str, device: torch.device) -> AbstractContextMana
     if precision == "autocast" and device.type == "cuda":
         return torch.autocast("cuda")
     return nullcontext()
+
+
+@contextmanager
+def sampling_scope(model: Any, precision: str, device: torch.device) -> Iterator[None]:
+    """No gradients, ``--precision`` and the model's EMA weights, as CompVis's scripts sample."""
+    with torch.no_grad(), precision_scope(precision, device), model.ema_scope():
+        yield
+
+
+def iterate_batches(data: Sequence[list[str]], n_iter: int) -> Iterator[list[str]]:
+    """Every prompt batch of ``data``, ``n_iter`` times over, with CompVis's progress bars."""
+    for _ in trange(n_iter, desc="Sampling"):
+        yield from tqdm(data, desc="data")
+
+
+def encode_prompts(model: Any, prompts: Sequence[str], scale: float) -> tuple[Any, Any | None]:
+    """(conditioning, unconditional conditioning) of a prompt batch; no unconditional one at scale 1."""
+    uc = model.get_learned_conditioning(len(prompts) * [""]) if scale != 1.0 else None
+    return model.get_learned_conditioning(list(prompts)), uc
+
+
+def decode_images(model: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> [N, 3, H, W] float images in [0, 1] through the first stage."""
+    return torch.clamp((model.decode_first_stage(latents).float() + 1.0) / 2.0, min=0.0, max=1.0)
+
+
+def finish_sampling(all_samples: Sequence[torch.Tensor], n_rows: int, outpath: Path, grid_count: int,
+                    skip_grid: bool, started: float,
+                    postprocess: Callable[[Image.Image], Image.Image] = lambda image: image) -> None:
+    """Save the grid (unless ``skip_grid``), print the sampling time since ``started`` and where
+    the samples are."""
+    if not skip_grid:
+        save_grid(all_samples, n_rows, outpath / f"grid-{grid_count:04}.png", postprocess=postprocess)
+    print(f"Sampling took {time.time() - started:.1f} s.")
+    print_done(outpath)
 
 
 def output_folders(outdir: str) -> tuple[Path, Path, int, int]:

@@ -24,17 +24,19 @@ import numpy as np
 import torch
 from PIL import Image
 from pytorch_lightning import seed_everything
-from tqdm import tqdm, trange
 
 from compvis_sampling import (
     add_model_flags,
+    add_sampling_flags,
+    decode_images,
+    encode_prompts,
+    finish_sampling,
+    iterate_batches,
     load_sampling_model,
     output_folders,
-    precision_scope,
-    print_done,
     prompt_batches,
     sampling_device,
-    save_grid,
+    sampling_scope,
     save_samples,
 )
 from erasure.cli import run_script
@@ -47,30 +49,13 @@ SIZE_MULTIPLE = 32
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
-                        help="the prompt to render")
+    add_sampling_flags(parser, outdir="outputs/img2img-samples", n_iter=1, n_samples=2, scale=5.0)
     parser.add_argument("--init-img", type=str, nargs="?", help="path to the input image")
-    parser.add_argument("--outdir", type=str, nargs="?", default="outputs/img2img-samples", help="dir to write results to")
-    parser.add_argument("--skip_grid", action="store_true",
-                        help="do not save a grid, only individual samples. Helpful when evaluating lots of samples")
-    parser.add_argument("--skip_save", action="store_true", help="do not save indiviual samples. For speed measurements.")
-    parser.add_argument("--ddim_steps", type=int, default=50, help="number of ddim sampling steps")
     parser.add_argument("--plms", action="store_true", help="use plms sampling (not supported by img2img, as in CompVis)")
-    parser.add_argument("--fixed_code", action="store_true",
-                        help="if enabled, uses the same starting code across all samples ")
-    parser.add_argument("--ddim_eta", type=float, default=0.0,
-                        help="ddim eta (eta=0.0 corresponds to deterministic sampling")
-    parser.add_argument("--n_iter", type=int, default=1, help="sample this often")
     parser.add_argument("--C", type=int, default=4, help="latent channels (unused: the first stage decides)")
     parser.add_argument("--f", type=int, default=8, help="downsampling factor, most often 8 or 16 (unused)")
-    parser.add_argument("--n_samples", type=int, default=2,
-                        help="how many samples to produce for each given prompt. A.k.a batch size")
-    parser.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default: n_samples)")
-    parser.add_argument("--scale", type=float, default=5.0,
-                        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
     parser.add_argument("--strength", type=float, default=0.75,
                         help="strength for noising/unnoising. 1.0 corresponds to full destruction of information in init image")
-    parser.add_argument("--from-file", type=str, help="if specified, load prompts from this file")
     add_model_flags(parser)
     return parser.parse_args(argv)
 
@@ -120,29 +105,23 @@ def img2img(opt: argparse.Namespace) -> None:
     # CompVis noises to DDIM index t_enc and denoises from index t_enc - 1; strength 1.0 has no index t_enc.
     encode_index = min(t_enc, opt.ddim_steps - 1)
     all_samples = []
-    with torch.no_grad(), precision_scope(opt.precision, device), model.ema_scope():
+    with sampling_scope(model, opt.precision, device):
         init_latent = model.get_first_stage_encoding(model.encode_first_stage(init_image))
         fixed_noise = torch.randn_like(init_latent) if opt.fixed_code else None
         tic = time.time()
-        for _ in trange(opt.n_iter, desc="Sampling"):
-            for prompts in tqdm(data, desc="data"):
-                batch = len(prompts)
-                uc = model.get_learned_conditioning(batch * [""]) if opt.scale != 1.0 else None
-                c = model.get_learned_conditioning(list(prompts))
-                noise = None if fixed_noise is None else fixed_noise[:batch]
-                steps = torch.tensor([encode_index] * batch, device=device)
-                z_enc = sampler.stochastic_encode(init_latent[:batch], steps, noise=noise)
-                samples = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=opt.scale,
-                                         unconditional_conditioning=uc)
-                x_samples = torch.clamp((model.decode_first_stage(samples).float() + 1.0) / 2.0, min=0.0, max=1.0)
-                if not opt.skip_save:
-                    base_count = save_samples(x_samples, sample_path, base_count)
-                all_samples.append(x_samples)
-        if not opt.skip_grid:
-            save_grid(all_samples, n_rows, outpath / f"grid-{grid_count:04}.png")
-        print(f"Sampling took {time.time() - tic:.1f} s.")
-    print_done(outpath)
-
+        for prompts in iterate_batches(data, opt.n_iter):
+            batch = len(prompts)
+            c, uc = encode_prompts(model, prompts, opt.scale)
+            noise = None if fixed_noise is None else fixed_noise[:batch]
+            steps = torch.tensor([encode_index] * batch, device=device)
+            z_enc = sampler.stochastic_encode(init_latent[:batch], steps, noise=noise)
+            samples = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=opt.scale,
+                                     unconditional_conditioning=uc)
+            x_samples = decode_images(model, samples)
+            if not opt.skip_save:
+                base_count = save_samples(x_samples, sample_path, base_count)
+            all_samples.append(x_samples)
+        finish_sampling(all_samples, n_rows, outpath, grid_count, opt.skip_grid, tic)
 
 def main(argv: list[str] | None = None) -> None:
     opt = parse_args(argv)

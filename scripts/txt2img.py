@@ -30,19 +30,21 @@ import numpy as np
 import torch
 from PIL import Image
 from pytorch_lightning import seed_everything
-from tqdm import tqdm, trange
 
 from compvis_sampling import (
     add_model_flags,
+    add_sampling_flags,
     check_latent_flags,
+    decode_images,
+    encode_prompts,
+    finish_sampling,
+    iterate_batches,
     load_sampling_model,
     output_folders,
-    precision_scope,
-    print_done,
     prompt_batches,
     require_model_files,
     sampling_device,
-    save_grid,
+    sampling_scope,
     save_samples,
 )
 from erasure.cli import run_script
@@ -60,30 +62,14 @@ REPLACEMENT_IMAGE = Path("assets/rick.jpeg")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
-                        help="the prompt to render")
-    parser.add_argument("--outdir", type=str, nargs="?", default="outputs/txt2img-samples", help="dir to write results to")
-    parser.add_argument("--skip_grid", action="store_true",
-                        help="do not save a grid, only individual samples. Helpful when evaluating lots of samples")
-    parser.add_argument("--skip_save", action="store_true", help="do not save individual samples. For speed measurements.")
-    parser.add_argument("--ddim_steps", type=int, default=50, help="number of ddim sampling steps")
+    add_sampling_flags(parser, outdir="outputs/txt2img-samples", n_iter=2, n_samples=3, scale=7.5)
     parser.add_argument("--plms", action="store_true", help="use plms sampling")
     parser.add_argument("--dpm_solver", action="store_true", help="use dpm_solver sampling")
     parser.add_argument("--laion400m", action="store_true", help="uses the LAION400M model")
-    parser.add_argument("--fixed_code", action="store_true", help="if enabled, uses the same starting code across samples ")
-    parser.add_argument("--ddim_eta", type=float, default=0.0,
-                        help="ddim eta (eta=0.0 corresponds to deterministic sampling")
-    parser.add_argument("--n_iter", type=int, default=2, help="sample this often")
     parser.add_argument("--H", type=int, default=512, help="image height, in pixel space")
     parser.add_argument("--W", type=int, default=512, help="image width, in pixel space")
     parser.add_argument("--C", type=int, default=4, help="latent channels")
     parser.add_argument("--f", type=int, default=8, help="downsampling factor")
-    parser.add_argument("--n_samples", type=int, default=3,
-                        help="how many samples to produce for each given prompt. A.k.a. batch size")
-    parser.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default: n_samples)")
-    parser.add_argument("--scale", type=float, default=7.5,
-                        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
-    parser.add_argument("--from-file", type=str, help="if specified, load prompts from this file")
     add_model_flags(parser)
     safety = parser.add_argument_group("safety checker (not in CompVis's script; its behaviour is the default)")
     safety.add_argument("--safety_checker", type=str, default=SAFETY_MODEL_ID,
@@ -196,32 +182,25 @@ def txt2img(opt: argparse.Namespace) -> None:
     shape = [opt.C, opt.H // opt.f, opt.W // opt.f]
     start_code = torch.randn([opt.n_samples, *shape], device=device) if opt.fixed_code else None
     all_samples = []
-    with torch.no_grad(), precision_scope(opt.precision, device), model.ema_scope():
+    with sampling_scope(model, opt.precision, device):
         tic = time.time()
-        for _ in trange(opt.n_iter, desc="Sampling"):
-            for prompts in tqdm(data, desc="data"):
-                batch = len(prompts)
-                uc = model.get_learned_conditioning(batch * [""]) if opt.scale != 1.0 else None
-                c = model.get_learned_conditioning(list(prompts))
-                samples, _ = sampler.sample(
-                    S=opt.ddim_steps, conditioning=c, batch_size=batch, shape=shape, verbose=False,
-                    unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc, eta=opt.ddim_eta,
-                    x_T=None if start_code is None else start_code[:batch],
-                )
-                x_samples = torch.clamp((model.decode_first_stage(samples).float() + 1.0) / 2.0, min=0.0, max=1.0)
-                x_samples = x_samples.cpu().permute(0, 2, 3, 1).numpy()
-                if safety is not None:
-                    x_samples, _ = check_safety(x_samples, safety)
-                checked = torch.from_numpy(x_samples).permute(0, 3, 1, 2)
-                if not opt.skip_save:
-                    base_count = save_samples(checked, sample_path, base_count, postprocess=watermark)
-                if not opt.skip_grid:
-                    all_samples.append(checked)
-        if not opt.skip_grid:
-            save_grid(all_samples, n_rows, outpath / f"grid-{grid_count:04}.png", postprocess=watermark)
-        print(f"Sampling took {time.time() - tic:.1f} s.")
-    print_done(outpath)
-
+        for prompts in iterate_batches(data, opt.n_iter):
+            batch = len(prompts)
+            c, uc = encode_prompts(model, prompts, opt.scale)
+            samples, _ = sampler.sample(
+                S=opt.ddim_steps, conditioning=c, batch_size=batch, shape=shape, verbose=False,
+                unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc, eta=opt.ddim_eta,
+                x_T=None if start_code is None else start_code[:batch],
+            )
+            x_samples = decode_images(model, samples).cpu().permute(0, 2, 3, 1).numpy()
+            if safety is not None:
+                x_samples, _ = check_safety(x_samples, safety)
+            checked = torch.from_numpy(x_samples).permute(0, 3, 1, 2)
+            if not opt.skip_save:
+                base_count = save_samples(checked, sample_path, base_count, postprocess=watermark)
+            if not opt.skip_grid:
+                all_samples.append(checked)
+        finish_sampling(all_samples, n_rows, outpath, grid_count, opt.skip_grid, tic, postprocess=watermark)
 
 def main(argv: list[str] | None = None) -> None:
     opt = parse_args(argv)

@@ -7,8 +7,7 @@ project's own ``VectorQuantizer``; ``ldm.models.autoencoder`` re-exports both cl
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,9 @@ import torch.nn.functional as F
 
 from ldm.models.autoencoder_training import AdversarialAutoencoderTraining, restore_first_stage
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
-from ldm.modules.ema import LitEma
+from ldm.modules.ema import LitEma, ema_weights
 from ldm.modules.vector_quantizer import VectorQuantizer
 from ldm.util import instantiate_from_config
-
-logger = logging.getLogger(__name__)
 
 
 class VQModel(AdversarialAutoencoderTraining, pl.LightningModule):
@@ -77,21 +74,9 @@ class VQModel(AdversarialAutoencoderTraining, pl.LightningModule):
         self.scheduler_config = scheduler_config
         self.lr_g_factor = lr_g_factor
 
-    @contextlib.contextmanager
-    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+    def ema_scope(self, context: str | None = None) -> contextlib.AbstractContextManager[None]:
         """Run the body with the EMA weights (when ``use_ema``), restoring the trained ones after."""
-        if self.use_ema:
-            self.model_ema.store(self.parameters())
-            self.model_ema.copy_to(self)
-            if context is not None:
-                logger.info("%s: switched to EMA weights", context)
-        try:
-            yield None
-        finally:
-            if self.use_ema:
-                self.model_ema.restore(self.parameters())
-                if context is not None:
-                    logger.info("%s: restored training weights", context)
+        return ema_weights(self.model_ema if self.use_ema else None, self, context)
 
     def init_from_ckpt(self, path: str | Path, ignore_keys: Sequence[str] = list()) -> None:
         restore_first_stage(self, path, ignore_keys)

@@ -7,10 +7,14 @@ to ``decay`` and ``num_updates``: the ``model_ema.*`` keys of the released SD ch
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 class LitEma(nn.Module):
@@ -85,3 +89,21 @@ class LitEma(nn.Module):
                 "EMA was created); freeze them or build a new LitEma."
             )
         return tracked
+
+
+@contextlib.contextmanager
+def ema_weights(ema: LitEma | None, model: nn.Module, context: str | None = None) -> Iterator[None]:
+    """Run the body with ``ema``'s weights copied into ``model`` (nothing when ``ema`` is None),
+    restoring the trained weights after; ``context`` names the switch in the log."""
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model)
+        if context is not None:
+            logger.info("%s: switched to EMA weights", context)
+    try:
+        yield None
+    finally:
+        if ema is not None:
+            ema.restore(model.parameters())
+            if context is not None:
+                logger.info("%s: restored training weights", context)

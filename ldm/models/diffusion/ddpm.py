@@ -9,8 +9,8 @@ follows the Stable Diffusion 2.x ``ldm`` package.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from ldm.models.diffusion.image_logging import LatentImageLogging
 from ldm.models.diffusion.noise_schedule import NoiseSchedule
 from ldm.models.vq_autoencoder import VQModelInterface
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.ema import LitEma
+from ldm.modules.ema import LitEma, ema_weights
 from ldm.models.diffusion.wrapper import DiffusionWrapper, disabled_train, freeze_in_eval
 from ldm.util import count_params, default, instantiate_from_config, load_state_dict_file
 
@@ -139,21 +139,9 @@ class DDPM(DDPMSampling, NoiseSchedule, pl.LightningModule):
             logger.info("Unexpected keys: %s", unexpected)
         return list(missing), list(unexpected)
 
-    @contextmanager
-    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+    def ema_scope(self, context: str | None = None) -> AbstractContextManager[None]:
         """Swap the EMA weights into ``self.model`` for the duration of the block."""
-        if self.use_ema:
-            self.model_ema.store(self.model.parameters())
-            self.model_ema.copy_to(self.model)
-            if context is not None:
-                logger.info("%s: switched to EMA weights", context)
-        try:
-            yield None
-        finally:
-            if self.use_ema:
-                self.model_ema.restore(self.model.parameters())
-                if context is not None:
-                    logger.info("%s: restored training weights", context)
+        return ema_weights(self.model_ema if self.use_ema else None, self.model, context)
 
     # ----------------------------------------------------------------------------- training
     def get_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:

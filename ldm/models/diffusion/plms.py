@@ -5,21 +5,26 @@ on Manifolds", ICLR 2022): each step is a DDIM step taken with an Adams-Bashfort
 of the current and up to three previous noise predictions; the very first step, which has no
 history, uses the pseudo improved Euler (Heun) combination of the predictions at both ends.
 
-It walks the same schedule as ``DDIMSampler`` with eta = 0 and reuses its schedule, guidance and
-parameterization handling (eps, "v" and "x0" models), so the two samplers differ only in how the
-noise estimate of a step is formed. Unlike CompVis, the schedule lives on the model's device (no
-hard-coded CUDA), so PLMS runs on a CPU.
+It walks the same schedule as ``DDIMSampler`` with eta = 0 and shares its schedule, guidance and
+parameterization handling (eps, "v" and "x0" models) through ``ScheduledSampler``, so the two
+samplers differ only in how the noise estimate of a step is formed. Unlike CompVis, the schedule
+lives on the model's device (no hard-coded CUDA), so PLMS runs on a CPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from ldm.models.diffusion.ddim import Conditioning, DDIMSampler, _conditioning_batch_size, _randn
+from ldm.models.diffusion.sampler_base import (
+    Conditioning,
+    ScheduledSampler,
+    check_conditioning_batch,
+    report_step,
+    start_latent,
+)
 
 #: Adams-Bashforth weights of [eps_t, eps_{t-1}, eps_{t-2}, eps_{t-3}], by the number of stored predictions.
 ADAMS_BASHFORTH = {
@@ -29,26 +34,15 @@ ADAMS_BASHFORTH = {
 }
 
 
-class PLMSSampler:
+class PLMSSampler(ScheduledSampler):
     """Deterministic PLMS sampling of a ``LatentDiffusion`` model (eta must be 0)."""
-
-    def __init__(self, model: Any, schedule: str = "linear", **kwargs: Any) -> None:
-        self.model = model
-        self.ddpm_num_timesteps = model.num_timesteps
-        self.schedule = schedule
-        self._ddim = DDIMSampler(model, schedule=schedule)
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
                       verbose: bool = True) -> None:
         """The DDIM schedule (timesteps, alphas, previous alphas) on the model's device."""
         if ddim_eta != 0:
             raise ValueError(f"ddim_eta must be 0 for PLMS (got {ddim_eta}); use DDIMSampler for eta > 0.")
-        self._ddim.make_schedule(ddim_num_steps, ddim_discretize=ddim_discretize, ddim_eta=0.0, verbose=verbose)
-        self.ddim_timesteps = self._ddim.ddim_timesteps
-        self.ddim_alphas = self._ddim.ddim_alphas
-        self.ddim_alphas_prev = self._ddim.ddim_alphas_prev
-        self.ddim_sigmas = self._ddim.ddim_sigmas
-        self.ddim_sqrt_one_minus_alphas = self._ddim.ddim_sqrt_one_minus_alphas
+        super().make_schedule(ddim_num_steps, ddim_discretize=ddim_discretize, ddim_eta=0.0, verbose=verbose)
 
     @torch.no_grad()
     def sample(
@@ -74,9 +68,7 @@ class PLMSSampler:
         ``mask`` and ``x0`` keep the known region (``mask == 1``) of ``x0`` as in CompVis: after every
         step it is replaced by ``x0`` noised to that step's level.
         """
-        for name, value in (("conditioning", conditioning), ("unconditional_conditioning", unconditional_conditioning)):
-            if value is not None and _conditioning_batch_size(value) != batch_size:
-                raise ValueError(f"{name} has batch size {_conditioning_batch_size(value)} but batch_size={batch_size}.")
+        check_conditioning_batch(batch_size, conditioning, unconditional_conditioning)
         if (mask is None) != (x0 is None):
             raise ValueError("mask and x0 go together: pass both (inpainting) or neither.")
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
@@ -103,14 +95,9 @@ class PLMSSampler:
         verbose: bool = True,
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """The PLMS loop over the schedule made by ``make_schedule``."""
-        self._ddim._require_schedule()
+        self._require_schedule()
         device = self.model.betas.device
-        if x_T is None:
-            img = _randn(shape, device, generator)
-        elif tuple(x_T.shape) != tuple(shape):
-            raise ValueError(f"x_T has shape {tuple(x_T.shape)} but the sampler needs {tuple(shape)}.")
-        else:
-            img = x_T.to(device)
+        img = start_latent(x_T, shape, device, generator)
         timesteps = [int(t) for t in self.ddim_timesteps]
         total = len(timesteps)
         intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [img], "pred_x0": [img]}
@@ -126,13 +113,7 @@ class PLMSSampler:
                 unconditional_conditioning=unconditional_conditioning, old_eps=old_eps, t_next=t_next,
             )
             old_eps = (old_eps + [e_t])[-3:]
-            if callback is not None:
-                callback(i)
-            if img_callback is not None:
-                img_callback(pred_x0, i)
-            if index % log_every_t == 0 or index == total - 1:
-                intermediates["x_inter"].append(img)
-                intermediates["pred_x0"].append(pred_x0)
+            report_step(i, index, total, img, pred_x0, intermediates, callback, img_callback, log_every_t)
         return img, intermediates
 
     def _step(self, x: torch.Tensor, e_t: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +142,7 @@ class PLMSSampler:
         time at ``t_next``.
         """
         def eps(x_in: torch.Tensor, t_in: torch.Tensor) -> torch.Tensor:
-            return self._ddim.model_eps(x_in, c, t_in, unconditional_guidance_scale, unconditional_conditioning)
+            return self.model_eps(x_in, c, t_in, unconditional_guidance_scale, unconditional_conditioning)
 
         history = list(old_eps or [])[-3:]
         e_t = eps(x, t)

@@ -10,6 +10,7 @@ their checkpoints load; ``openaimodel`` re-exports every name here.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -45,44 +46,46 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).to(dtype)
 
 
-class QKVAttentionLegacy(nn.Module):
+class _FusedQKVAttention(nn.Module):
+    """Attention over a fused [B, 3*H*C, T] tensor; subclasses say how q, k and v are laid out."""
+
+    def __init__(self, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+
+    @abstractmethod
+    def _split(self, qkv: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of shape [B*H, C, T] from ``qkv`` with ``channels`` = C per head."""
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        batch, width, length = qkv.shape
+        if width % (3 * self.n_heads):
+            raise ValueError(
+                f"{type(self).__name__}: width {width} is not divisible by 3 * {self.n_heads} heads."
+            )
+        q, k, v = self._split(qkv, width // (3 * self.n_heads))
+        return _attend(q, k, v).reshape(batch, -1, length)
+
+    @staticmethod
+    def count_flops(model: nn.Module, _x: Any, y: Any) -> None:
+        count_flops_attn(model, _x, y)
+
+
+class QKVAttentionLegacy(_FusedQKVAttention):
     """Attention over a fused [B, H*3*C, T] tensor laid out head first (q, k, v per head)."""
 
-    def __init__(self, n_heads: int) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        batch, width, length = qkv.shape
-        if width % (3 * self.n_heads):
-            raise ValueError(f"QKVAttentionLegacy: width {width} is not divisible by 3 * {self.n_heads} heads.")
-        channels = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(batch * self.n_heads, 3 * channels, length).split(channels, dim=1)
-        return _attend(q, k, v).reshape(batch, -1, length)
-
-    @staticmethod
-    def count_flops(model: nn.Module, _x: Any, y: Any) -> None:
-        count_flops_attn(model, _x, y)
+    def _split(self, qkv: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, _, length = qkv.shape
+        return qkv.reshape(batch * self.n_heads, 3 * channels, length).split(channels, dim=1)
 
 
-class QKVAttention(nn.Module):
+class QKVAttention(_FusedQKVAttention):
     """Attention over a fused [B, 3*H*C, T] tensor laid out q, k, v first, then heads."""
 
-    def __init__(self, n_heads: int) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        batch, width, length = qkv.shape
-        if width % (3 * self.n_heads):
-            raise ValueError(f"QKVAttention: width {width} is not divisible by 3 * {self.n_heads} heads.")
-        channels = width // (3 * self.n_heads)
+    def _split(self, qkv: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, _, length = qkv.shape
         q, k, v = (t.reshape(batch * self.n_heads, channels, length) for t in qkv.chunk(3, dim=1))
-        return _attend(q, k, v).reshape(batch, -1, length)
-
-    @staticmethod
-    def count_flops(model: nn.Module, _x: Any, y: Any) -> None:
-        count_flops_attn(model, _x, y)
+        return q, k, v
 
 
 def count_flops_attn(model: nn.Module, _x: Any, y: Any) -> None:

@@ -18,8 +18,8 @@ from ldm.modules.diffusionmodules.attention_blocks import (
     convert_module_to_f16,
     convert_module_to_f32,
 )
-from ldm.modules.diffusionmodules.unet_blocks import Downsample, ResBlock, TimestepEmbedSequential
-from ldm.modules.diffusionmodules.util import conv_nd, linear, normalization, timestep_embedding, zero_module
+from ldm.modules.diffusionmodules.unet_blocks import build_down_path, res_block_factory, timestep_mlp
+from ldm.modules.diffusionmodules.util import conv_nd, normalization, timestep_embedding, zero_module
 
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
@@ -78,39 +78,20 @@ class EncoderUNetModel(nn.Module):
         self.pool = pool
 
         time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            linear(model_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim)
-        )
+        self.time_embed = timestep_mlp(model_channels)
 
-        def res_block(channels: int, out: int | None = None, down: bool = False) -> ResBlock:
-            return ResBlock(channels, time_embed_dim, dropout, out_channels=out, dims=dims,
-                            use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, down=down)
+        res_block = res_block_factory(time_embed_dim, dropout, dims, use_checkpoint, use_scale_shift_norm)
 
         def attention(channels: int) -> AttentionBlock:
             return AttentionBlock(channels, num_heads=num_heads, num_head_channels=num_head_channels,
                                   use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order)
 
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))]
-        )
-        self._feature_size = model_channels
-        ch = model_channels
-        ds = 1
-        for level, mult in enumerate(self.channel_mult):
-            for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [res_block(ch, mult * model_channels)]
-                ch = mult * model_channels
-                if ds in self.attention_resolutions:
-                    layers.append(attention(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                self._feature_size += ch
-            if level != len(self.channel_mult) - 1:
-                down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims=dims)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                ds *= 2
-                self._feature_size += ch
-        self.middle_block = TimestepEmbedSequential(res_block(ch), attention(ch), res_block(ch))
-        self._feature_size += ch
+        down_path = build_down_path(in_channels, model_channels, self.channel_mult, num_res_blocks,
+                                    self.attention_resolutions, conv_resample, resblock_updown, dims,
+                                    res_block, attention)
+        self.input_blocks, self.middle_block = down_path.input_blocks, down_path.middle_block
+        self._feature_size = down_path.feature_size
+        ch, ds = down_path.channels, down_path.downsampling
 
         if pool == "adaptive":
             self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.AdaptiveAvgPool2d((1, 1)),

@@ -10,7 +10,8 @@ re-exported at the end of this module.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -175,16 +176,52 @@ def _plain_block(in_channels: int, out_channels: int, dropout: float) -> ResnetB
 
 
 class MidBlock(nn.Module):
-    """ResnetBlock, attention, ResnetBlock at the lowest resolution (keys ``mid.block_1`` ...)."""
+    """ResnetBlock, attention, ResnetBlock at the lowest resolution (keys ``mid.block_1`` ...);
+    the blocks take a timestep embedding of ``temb_channels`` (0: none, as in the autoencoder)."""
 
-    def __init__(self, channels: int, dropout: float, attn_type: str) -> None:
+    def __init__(self, channels: int, dropout: float, attn_type: str, temb_channels: int = 0) -> None:
         super().__init__()
-        self.block_1 = _plain_block(channels, channels, dropout)
+        self.block_1 = ResnetBlock(in_channels=channels, out_channels=channels, temb_channels=temb_channels,
+                                   dropout=dropout)
         self.attn_1 = make_attn(channels, attn_type=attn_type)
-        self.block_2 = _plain_block(channels, channels, dropout)
+        self.block_2 = ResnetBlock(in_channels=channels, out_channels=channels, temb_channels=temb_channels,
+                                   dropout=dropout)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(h)))
+    def forward(self, h: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h, temb)), temb)
+
+
+def build_down_levels(
+    ch: int,
+    ch_mult: Sequence[int],
+    num_res_blocks: int,
+    attn_resolutions: Sequence[int],
+    resolution: int,
+    resamp_with_conv: bool,
+    attn_type: str,
+    block: Callable[[int, int], ResnetBlock],
+) -> tuple[nn.ModuleList, int, int]:
+    """The down path of ``Encoder`` and the pixel-space ``Model`` (keys ``down.{i}.block.{j}``,
+    ``down.{i}.attn.{j}``, ``down.{i}.downsample``), its residual blocks made by
+    ``block(channels_in, channels_out)``; returns it with its output channels and resolution."""
+    in_ch_mult = (1, *ch_mult)
+    levels = nn.ModuleList()
+    current = resolution
+    block_in = ch
+    for level in range(len(ch_mult)):
+        down = nn.Module()
+        down.block, down.attn = nn.ModuleList(), nn.ModuleList()
+        block_in = ch * in_ch_mult[level]
+        for _ in range(num_res_blocks):
+            down.block.append(block(block_in, ch * ch_mult[level]))
+            block_in = ch * ch_mult[level]
+            if current in attn_resolutions:
+                down.attn.append(make_attn(block_in, attn_type=attn_type))
+        if level != len(ch_mult) - 1:
+            down.downsample = Downsample(block_in, resamp_with_conv)
+            current //= 2
+        levels.append(down)
+    return levels, block_in, current
 
 
 def _check_ddconfig(ch_mult: Sequence[int], resolution: int) -> None:
@@ -238,27 +275,11 @@ class Encoder(nn.Module):
 
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
 
-        curr_res = resolution
-        in_ch_mult = (1, *ch_mult)
-        self.in_ch_mult = in_ch_mult
-        self.down = nn.ModuleList()
-        for i_level in range(self.num_resolutions):
-            block = nn.ModuleList()
-            attn = nn.ModuleList()
-            block_in = ch * in_ch_mult[i_level]
-            block_out = ch * ch_mult[i_level]
-            for _ in range(num_res_blocks):
-                block.append(_plain_block(block_in, block_out, dropout))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type=attn_type))
-            down = nn.Module()
-            down.block = block
-            down.attn = attn
-            if i_level != self.num_resolutions - 1:
-                down.downsample = Downsample(block_in, resamp_with_conv)
-                curr_res = curr_res // 2
-            self.down.append(down)
+        self.in_ch_mult = (1, *ch_mult)
+        self.down, block_in, _ = build_down_levels(
+            ch, ch_mult, num_res_blocks, attn_resolutions, resolution, resamp_with_conv, attn_type,
+            lambda channels_in, channels_out: _plain_block(channels_in, channels_out, dropout),
+        )
 
         self.mid = MidBlock(block_in, dropout, attn_type)
 

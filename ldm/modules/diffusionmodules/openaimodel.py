@@ -35,8 +35,11 @@ from ldm.modules.diffusionmodules.unet_blocks import (  # noqa: F401
     TimestepEmbedSequential,
     TransposedUpsample,
     Upsample,
+    build_down_path,
+    res_block_factory,
+    timestep_mlp,
 )
-from ldm.modules.diffusionmodules.util import conv_nd, linear, normalization, timestep_embedding, zero_module
+from ldm.modules.diffusionmodules.util import conv_nd, normalization, timestep_embedding, zero_module
 
 
 class UNetModel(nn.Module):
@@ -104,49 +107,19 @@ class UNetModel(nn.Module):
         self.predict_codebook_ids = n_embed is not None
 
         time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            linear(model_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim)
-        )
+        self.time_embed = timestep_mlp(model_channels)
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
-        def res_block(channels: int, out: int | None = None, **updown: bool) -> ResBlock:
-            return ResBlock(
-                channels,
-                time_embed_dim,
-                dropout,
-                out_channels=out,
-                dims=dims,
-                use_checkpoint=use_checkpoint,
-                use_scale_shift_norm=use_scale_shift_norm,
-                **updown,
-            )
+        res_block = res_block_factory(time_embed_dim, dropout, dims, use_checkpoint, use_scale_shift_norm)
 
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))]
-        )
-        self._feature_size = model_channels
-        input_block_chans = [model_channels]
-        ch = model_channels
-        ds = 1
-        for level, mult in enumerate(self.channel_mult):
-            for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [res_block(ch, mult * model_channels)]
-                ch = mult * model_channels
-                if ds in self.attention_resolutions:
-                    layers.append(self._attention(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                self._feature_size += ch
-                input_block_chans.append(ch)
-            if level != len(self.channel_mult) - 1:
-                down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims=dims)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                input_block_chans.append(ch)
-                ds *= 2
-                self._feature_size += ch
-
-        self.middle_block = TimestepEmbedSequential(res_block(ch), self._attention(ch), res_block(ch))
-        self._feature_size += ch
+        down_path = build_down_path(in_channels, model_channels, self.channel_mult, num_res_blocks,
+                                    self.attention_resolutions, conv_resample, resblock_updown, dims,
+                                    res_block, self._attention)
+        self.input_blocks, self.middle_block = down_path.input_blocks, down_path.middle_block
+        self._feature_size = down_path.feature_size
+        input_block_chans = down_path.skip_channels
+        ch, ds = down_path.channels, down_path.downsampling
 
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(self.channel_mult))[::-1]:

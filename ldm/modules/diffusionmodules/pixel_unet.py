@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from ldm.modules.diffusionmodules.model import (
-    Downsample,
+    MidBlock,
     Normalize,
     ResnetBlock,
     Upsample,
+    build_down_levels,
     get_timestep_embedding,
     make_attn,
     nonlinearity,
@@ -67,27 +68,10 @@ class Model(nn.Module):
 
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
         in_ch_mult = (1, *ch_mult)
-        current = resolution
-        self.down = nn.ModuleList()
-        block_in = ch
-        for level in range(self.num_resolutions):
-            down = nn.Module()
-            down.block, down.attn = nn.ModuleList(), nn.ModuleList()
-            block_in = ch * in_ch_mult[level]
-            for _ in range(num_res_blocks):
-                down.block.append(block(block_in, ch * ch_mult[level]))
-                block_in = ch * ch_mult[level]
-                if current in attn_resolutions:
-                    down.attn.append(make_attn(block_in, attn_type=attn_type))
-            if level != self.num_resolutions - 1:
-                down.downsample = Downsample(block_in, resamp_with_conv)
-                current //= 2
-            self.down.append(down)
-
-        self.mid = nn.Module()
-        self.mid.block_1 = block(block_in, block_in)
-        self.mid.attn_1 = make_attn(block_in, attn_type=attn_type)
-        self.mid.block_2 = block(block_in, block_in)
+        self.down, block_in, current = build_down_levels(
+            ch, ch_mult, num_res_blocks, attn_resolutions, resolution, resamp_with_conv, attn_type, block
+        )
+        self.mid = MidBlock(block_in, dropout, attn_type, temb_channels=temb_ch)
 
         ups: list[nn.Module] = []
         for level in reversed(range(self.num_resolutions)):
@@ -122,7 +106,7 @@ class Model(nn.Module):
                 skips.append(down.attn[index](h) if len(down.attn) else h)
             if level != self.num_resolutions - 1:
                 skips.append(down.downsample(skips[-1]))
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(skips[-1], temb)), temb)
+        h = self.mid(skips[-1], temb)
         for level in reversed(range(self.num_resolutions)):
             up = self.up[level]
             for index, res_block in enumerate(up.block):

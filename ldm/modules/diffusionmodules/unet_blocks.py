@@ -8,6 +8,8 @@ re-exports every class here.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,21 +41,30 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
         return x
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling (3-D: inner two dims only), optionally followed by a 3x3 conv."""
+class _Resample(nn.Module):
+    """What ``Upsample`` and ``Downsample`` share: their attributes and the channel checks."""
 
-    def __init__(
-        self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None, padding: int = 1
-    ) -> None:
+    def __init__(self, channels: int, use_conv: bool, dims: int, out_channels: int | None) -> None:
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
         self.dims = dims
+        if not use_conv and self.out_channels != channels:
+            raise ValueError(
+                f"{type(self).__name__} without a conv cannot change the number of channels; set use_conv=True."
+            )
+
+
+class Upsample(_Resample):
+    """Nearest-neighbour 2x upsampling (3-D: inner two dims only), optionally followed by a 3x3 conv."""
+
+    def __init__(
+        self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None, padding: int = 1
+    ) -> None:
+        super().__init__(channels, use_conv, dims, out_channels)
         if use_conv:
             self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=padding)
-        elif self.out_channels != channels:
-            raise ValueError("Upsample without a conv cannot change the number of channels; set use_conv=True.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_channels(x, self.channels, "Upsample")
@@ -77,22 +88,16 @@ class TransposedUpsample(nn.Module):
         return self.up(x)
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     """2x downsampling (3-D: inner two dims only) by a strided 3x3 conv or by average pooling."""
 
     def __init__(
         self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None, padding: int = 1
     ) -> None:
-        super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        self.use_conv = use_conv
-        self.dims = dims
+        super().__init__(channels, use_conv, dims, out_channels)
         stride = 2 if dims != 3 else (1, 2, 2)
         if use_conv:
             self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=padding)
-        elif self.out_channels != channels:
-            raise ValueError("Downsample without a conv cannot change the number of channels; set use_conv=True.")
         else:
             self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
 
@@ -176,3 +181,71 @@ class ResBlock(TimestepBlock):
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
+
+
+def timestep_mlp(model_channels: int) -> nn.Sequential:
+    """The UNets' ``time_embed``: sinusoidal features of width ``model_channels`` -> 4x wider embedding."""
+    time_embed_dim = model_channels * 4
+    return nn.Sequential(linear(model_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim))
+
+
+def res_block_factory(emb_channels: int, dropout: float, dims: int, use_checkpoint: bool,
+                      use_scale_shift_norm: bool) -> Callable[..., ResBlock]:
+    """``res_block(channels, out=None, up=False, down=False)``: a UNet's ``ResBlock`` with its shared settings."""
+
+    def res_block(channels: int, out: int | None = None, **updown: bool) -> ResBlock:
+        return ResBlock(channels, emb_channels, dropout, out_channels=out, dims=dims, use_checkpoint=use_checkpoint,
+                        use_scale_shift_norm=use_scale_shift_norm, **updown)
+
+    return res_block
+
+
+@dataclass
+class DownPath:
+    """The down path and middle block of a UNet, with what the layers after them need to know."""
+
+    input_blocks: nn.ModuleList
+    middle_block: TimestepEmbedSequential
+    skip_channels: list[int]  # output channels of every input block, for the up path's skips
+    channels: int  # at the middle block
+    downsampling: int  # total downsampling factor at the middle block
+    feature_size: int  # summed channels of all blocks (the "spatial" pooling heads' input width)
+
+
+def build_down_path(
+    in_channels: int,
+    model_channels: int,
+    channel_mult: Sequence[int],
+    num_res_blocks: int,
+    attention_resolutions: Sequence[int],
+    conv_resample: bool,
+    resblock_updown: bool,
+    dims: int,
+    res_block: Callable[..., ResBlock],
+    attention: Callable[[int], nn.Module],
+) -> DownPath:
+    """CompVis's UNet down path (``input_blocks``) and ``middle_block``, shared by ``UNetModel`` and
+    ``EncoderUNetModel``. ``res_block(channels, out=None, down=False)`` and ``attention(channels)``
+    build the layers, so each model keeps its own settings for them."""
+    input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
+    feature_size = model_channels
+    skip_channels = [model_channels]
+    ch = model_channels
+    ds = 1
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            layers: list[nn.Module] = [res_block(ch, mult * model_channels)]
+            ch = mult * model_channels
+            if ds in attention_resolutions:
+                layers.append(attention(ch))
+            input_blocks.append(TimestepEmbedSequential(*layers))
+            feature_size += ch
+            skip_channels.append(ch)
+        if level != len(channel_mult) - 1:
+            down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims=dims)
+            input_blocks.append(TimestepEmbedSequential(down))
+            skip_channels.append(ch)
+            ds *= 2
+            feature_size += ch
+    middle_block = TimestepEmbedSequential(res_block(ch), attention(ch), res_block(ch))
+    return DownPath(input_blocks, middle_block, skip_channels, ch, ds, feature_size + ch)

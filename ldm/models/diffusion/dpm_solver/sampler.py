@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ldm.models.diffusion.ddim import Conditioning, _conditioning_batch_size, _randn
+from ldm.models.diffusion.sampler_base import Conditioning, check_conditioning_batch, start_latent
 from ldm.models.diffusion.dpm_solver.dpm_solver import DPM_Solver, NoiseScheduleVP, model_wrapper
 
 #: LatentDiffusion.parameterization -> model_wrapper's model_type
@@ -45,17 +45,9 @@ class DPMSolverSampler:
         """``S`` model calls (one per step) from noise ``x_T`` (default: drawn) to a latent of
         [batch_size, *shape]. ``eta``, ``verbose`` and the DDIM-only keywords CompVis passes to every
         sampler (``callback``, ``log_every_t``, ...) do not apply to this deterministic solver."""
-        for name, value in (("conditioning", conditioning), ("unconditional_conditioning", unconditional_conditioning)):
-            if value is not None and _conditioning_batch_size(value) != batch_size:
-                raise ValueError(f"{name} has batch size {_conditioning_batch_size(value)} but batch_size={batch_size}.")
+        check_conditioning_batch(batch_size, conditioning, unconditional_conditioning)
         device = self.model.betas.device
-        size = (batch_size, *shape)
-        if x_T is None:
-            x = _randn(size, device, generator)
-        elif tuple(x_T.shape) != size:
-            raise ValueError(f"x_T has shape {tuple(x_T.shape)} but the sampler needs {size}.")
-        else:
-            x = x_T.to(device)
+        x = start_latent(x_T, (batch_size, *shape), device, generator)
         parameterization = getattr(self.model, "parameterization", "eps")
         if parameterization not in MODEL_TYPES:
             raise ValueError(f"DPM-Solver cannot sample a model with parameterization {parameterization!r}.")
