@@ -49,7 +49,7 @@ from common import (
 )
 from erasure.increments import cross_attention_kv
 from erasure.settings import ESDSettings
-from erasure.trainers.weights import cross_attention_parameters, non_cross_attention_parameters
+from erasure.trainers.weights import cross_attention_parameters, esd_u_parameters
 from ldm.util import instantiate_from_config
 from train_step import TRAINING_IMAGES, TwoCopySepCETrainer
 
@@ -130,7 +130,7 @@ def sd_trained_parameters(concepts: int) -> dict[str, int]:
         raise ValueError(f"{concepts} concepts leave no null space at width {width} (rank bound); use fewer.")
     sepce = dims * sum(layer.out_features for layer in layers.values())
     attn2 = sum(p.numel() for p in cross_attention_parameters(holder).values())
-    others = sum(p.numel() for p in non_cross_attention_parameters(holder).values())
+    others = sum(p.numel() for p in esd_u_parameters(holder).values())
     return {"sepce": sepce, "sepce_two_copy": sepce, "cie": attn2, "esd_x": attn2, "esd_u": others, "sepce_dims": dims}
 
 

@@ -105,8 +105,12 @@ def output_name(method: str, concept_slug: str, hyperparameters: dict[str, float
 
 def _hyperparameters(settings: TrainingSettings) -> dict[str, float]:
     """The settings a run's file names show (``lr`` already resolved)."""
-    if isinstance(settings, SepCESettings):
+    if isinstance(settings, SepCESettings) and settings.solver == "closed_form":
+        shown = {"mu": settings.mu}  # no optimiser: lr, lam and tau play no part
+    elif isinstance(settings, SepCESettings):
         shown = {"lr": settings.lr, "beta": settings.beta, "lam": settings.lam, "tau": settings.tau}
+        if settings.solver == "closed_form+cie":
+            shown["mu"] = settings.mu
     elif isinstance(settings, ESDSettings):
         shown = {"lr": settings.lr, "iter": settings.iterations, "sg": settings.start_guidance,
                  "ng": settings.negative_guidance}
@@ -138,14 +142,17 @@ def run_record(request: RunRequest, lr: float) -> dict[str, Any]:
 def result_files(request: RunRequest, lr: float) -> tuple[dict[str, Path], Path]:
     """The result file of every concept and the run's stem (checkpoint, lock and report files)."""
     hyper = _hyperparameters(replace(request.settings, lr=lr))
+    method = request.method
+    if isinstance(request.settings, SepCESettings) and request.settings.solver != "cie":
+        method = f"{method}_{request.settings.solver.replace('+', '_')}"  # sepce_closed_form, sepce_closed_form_cie
     record = json.dumps(run_record(request, lr), sort_keys=True, default=str)
     digest = hashlib.sha256(record.encode()).hexdigest()[:8]
     files = {
-        concept: request.output_dir / f"{output_name(request.method, slugify(concept), hyper)}-{digest}.safetensors"
+        concept: request.output_dir / f"{output_name(method, slugify(concept), hyper)}-{digest}.safetensors"
         for concept in request.concepts
     }
     joined = "+".join(slugify(concept) for concept in request.concepts)
-    return files, request.output_dir / f"{output_name(request.method, joined, hyper)}-{digest}"
+    return files, request.output_dir / f"{output_name(method, joined, hyper)}-{digest}"
 
 
 def default_lr(request: RunRequest, world: str) -> float:

@@ -224,3 +224,16 @@ def test_solve_sepce_passes_the_settings_on(wide_model: nn.Module, basis, tmp_pa
         record = solve_sepce(wide_model, {CONCEPT: basis}, settings)[CONCEPT].metadata
         assert (record["closed_form"]["keep_wordings"], record["closed_form"]["mu"]) == (keep, mu)
         assert record["settings"]["templates"] == TEMPLATES and record["settings"]["solver"] == "closed_form"
+
+
+def test_run_names_show_the_solver_and_only_the_settings_it_uses(tmp_path: Path) -> None:
+    from erasure.runs import RunRequest, result_files
+
+    def name(**settings: object) -> str:
+        request = RunRequest(concepts=("vela quorin",), settings=SepCESettings(**settings), output_dir=tmp_path)
+        return result_files(request, lr=1.0)[0]["vela quorin"].name
+
+    assert re.fullmatch(r"sepce_closed_form-vela_quorin-mu_1-seed_0-[0-9a-f]{8}\.safetensors", name(solver="closed_form"))
+    assert name(solver="closed_form", mu=0.5) != name(solver="closed_form")
+    assert name(solver="closed_form+cie").startswith("sepce_closed_form_cie-vela_quorin-lr_1-beta_1e-4-")
+    assert name().startswith("sepce-vela_quorin-lr_1-")

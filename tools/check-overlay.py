@@ -60,7 +60,7 @@ PARTS = ("modules", "configs", "scripts", "erasure")
 HELP_SCRIPTS = ("main.py", "scripts/txt2img.py", "scripts/img2img.py")
 #: The toy erasure: the README's `python train-scripts/train-sepce.py`, shortened.
 ERASURE_SCRIPT = "train-scripts/train-sepce.py"
-ERASURE_FLAGS = ("--iterations", "3", "--num_images", "2", "--no_progress")
+ERASURE_FLAGS = ("--iterations", "3", "--num_images", "2", "--no_progress", "--no_report")
 SCRIPT_TIMEOUT_S = 600
 PROBE_TIMEOUT_S = 1800
 

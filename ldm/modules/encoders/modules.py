@@ -1,7 +1,7 @@
 """Conditioning encoders (``cond_stage_model``): SD v1's frozen CLIP text encoder here, and
 CompVis's other encoders re-exported from ``ldm_conditioners`` and ``openai_clip``.
 
-``FrozenCLIPEmbedder`` needs no Hugging Face Hub to be built: its tokenizer is loaded when
+``FrozenCLIPEmbedder`` needs no Hugging Face Hub to be built: a Hub tokenizer is loaded when
 first used, on the ``meta`` device (``with torch.device("meta")``) no weights are loaded, and
 for SD v1's ``openai/clip-vit-large-patch14`` without Hub access the text model is built from
 that model's known architecture with random weights, which the SD checkpoint replaces
@@ -139,7 +139,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     ``version`` is a hub id or a local directory (loaded offline; it needs the tokenizer files
     and config.json, weights optional). ``layer``: ``"last"`` (SD v1: last_hidden_state),
     ``"pooled"`` (pooled output as one token) or ``"hidden"`` (``hidden_states[layer_idx]``).
-    The tokenizer is loaded when first used (``tokenizer``); without Hub access that raises
+    A Hub tokenizer is loaded when first used (``tokenizer``); without Hub access that raises
     one short ``OSError`` naming ``cond_stage_config.params.version``. The module stays where
     it is built and follows ``.to()``; tokens go to the text model's device. ``device`` is
     CompVis's parameter, kept for drop-in configs: CompVis moved tokens there.
@@ -162,12 +162,14 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         local = Path(version).expanduser()
         self.version = version
         self._local_directory = local if local.exists() or _looks_like_path(version) else None
+        self._tokenizer: CLIPTokenizer | None = None
         if self._local_directory is not None:
             _check_local(local)
             self.transformer = _local_text_model(local)
+            # a local tokenizer costs no network: load it now, while the directory surely exists
+            self._tokenizer = CLIPTokenizer.from_pretrained(local, local_files_only=True)
         else:
             self.transformer = _hub_text_model(version)
-        self._tokenizer: CLIPTokenizer | None = None
         positions = self.transformer.config.max_position_embeddings
         if not 0 < max_length <= positions:
             raise ValueError(
@@ -183,15 +185,12 @@ class FrozenCLIPEmbedder(AbstractEncoder):
 
     @property
     def tokenizer(self) -> CLIPTokenizer:
-        """The CLIP tokenizer, loaded on first use (from the local directory, or the Hub / its cache)."""
+        """The CLIP tokenizer (a Hub one is loaded on first use, from the Hub or its cache)."""
         if self._tokenizer is None:
-            if self._local_directory is not None:
-                self._tokenizer = CLIPTokenizer.from_pretrained(self._local_directory, local_files_only=True)
-            else:
-                try:
-                    self._tokenizer = CLIPTokenizer.from_pretrained(self.version)
-                except (OSError, TypeError):  # offline; a missing vocab file surfaces as a TypeError
-                    raise _unavailable(self.version, "tokenizer") from None
+            try:
+                self._tokenizer = CLIPTokenizer.from_pretrained(self.version)
+            except (OSError, TypeError):  # offline; a missing vocab file surfaces as a TypeError
+                raise _unavailable(self.version, "tokenizer") from None
         return self._tokenizer
 
     @tokenizer.setter
