@@ -11,6 +11,7 @@ from setuptools import find_packages, setup
 #: installed package -> (repository folder, its files that ship)
 RESOURCES: dict[str, tuple[str, list[str]]] = {
     "erasure._resources.configs.toy": ("configs/toy", ["*.yaml"]),
+    "erasure._resources.data": ("data", ["toy-heldout-wordings.csv"]),
     "erasure._resources.models.toy": ("models/toy", ["*.json", "*.safetensors"]),
     "erasure._resources.models.toy.text_encoder": ("models/toy/text_encoder", ["*.json", "*.txt"]),
 }

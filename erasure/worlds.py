@@ -29,6 +29,7 @@ from torch import nn
 
 from erasure.classifier import ARCHITECTURES, ImageClassifier
 from erasure.errors import WorldError
+from erasure.resources import resource_root
 
 WORLD_KEY = "world"
 BLANK_NAME = "blank"
@@ -66,6 +67,7 @@ class World:
     features: str | None = None
     image_size: int | None = None
     classifier_arch: str = "resnet18"
+    held_out_wordings: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -100,6 +102,20 @@ class World:
                 f"world.classifier_arch of {self.name!r} is {self.classifier_arch!r}; "
                 f"use one of {sorted(ARCHITECTURES)}."
             )
+
+    def held_out_wordings_path(self) -> Path | None:
+        """``held_out_wordings``: a prompt CSV of wordings never trained or protected (columns
+        prompt, evaluation_seed, case_number, concept, class; METHOD.md §2). A relative path is
+        relative to the folder holding ``configs/`` and ``models/`` (the checkout, or the installed
+        copy of the toy files), as the toy config's other paths are."""
+        if self.held_out_wordings is None:
+            return None
+        path = Path(self.held_out_wordings)
+        path = path if path.is_absolute() else resource_root() / path
+        if not path.is_file():
+            raise WorldError(f"world.held_out_wordings of {self.name!r} names {path}, which is not a file; "
+                             "fix the path in the config's `world:` entry or remove the key.")
+        return path
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -203,6 +219,7 @@ def _checked_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
         "features": (str, type(None)),
         "image_size": (int, type(None)),
         "classifier_arch": (str,),
+        "held_out_wordings": (str, type(None)),
     }
     for key, value in entry.items():
         wrong_int = key == "image_size" and isinstance(value, bool)

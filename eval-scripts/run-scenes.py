@@ -101,7 +101,6 @@ DEFAULT_ITERATIONS = 1000  # the training scripts' default; SepCE and CiE stop e
 DEFAULT_NUM_IMAGES = 50
 DEFAULT_SEED = 1_000_000  # evaluation seeds, far from the training images' seeds 0..num_images-1
 BLANK_FOLDER = "blank"
-TOY_HELD_OUT = Path(__file__).resolve().parents[1] / "data" / "toy-heldout-wordings.csv"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"images per class and time step, exact prompts (default: {DEFAULT_NUM_SAMPLES})")
     parser.add_argument("--heldout_wordings", type=Path, default=None,
                         help="CSV (prompt, evaluation_seed, case_number, class) of wordings never trained or protected; "
-                        "one image per row. Default: data/toy-heldout-wordings.csv on the toy model, none on SD")
+                        "one image per row. Default: the world's held_out_wordings (data/toy-heldout-wordings.csv on the toy model), none on SD")
     parser.add_argument("--heldout_per_class", type=int, default=None,
                         help="use the first N held-out wordings of each class (default: all)")
     parser.add_argument("--no_heldout", action="store_true", help="evaluate the exact prompts only")
@@ -376,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     world = world_of(model)
     concepts = list(args.concepts or (world.class_prompts[1:] if world.classifier else SD_SCENE_ARTISTS))
     check_concepts(timeline, concepts)
-    held_out = None if args.no_heldout else args.heldout_wordings or (TOY_HELD_OUT if world.name == "toy" else None)
+    held_out = None if args.no_heldout else args.heldout_wordings or world.held_out_wordings_path()
     classifier = load_classifier(args.classifier) if args.classifier else world.load_classifier()
     classes = evaluated_classes(classifier, concepts, args, held_out)
     settings = sampling_settings(model, args.sampler, args.steps, args.guidance_scale)

@@ -185,7 +185,7 @@ def test_wheel_ships_the_toy_model_and_the_installed_package_finds_it(tmp_path: 
     source.mkdir()
     for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
         shutil.copy2(ROOT / name, source / name)
-    for folder in ("ldm", "erasure", "configs", "models/toy"):
+    for folder in ("ldm", "erasure", "configs", "models/toy", "data"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
@@ -194,7 +194,8 @@ def test_wheel_ships_the_toy_model_and_the_installed_package_finds_it(tmp_path: 
     )
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = (tmp_path / "dist").glob("*.whl")
-    toy_files = [ROOT / "configs" / "toy" / "toy-ldm.yaml", *(p for p in (ROOT / "models" / "toy").rglob("*") if p.is_file())]
+    toy_files = [ROOT / "configs" / "toy" / "toy-ldm.yaml", ROOT / "data" / "toy-heldout-wordings.csv",
+                 *(p for p in (ROOT / "models" / "toy").rglob("*") if p.is_file())]
     expected = {f"erasure/_resources/{path.relative_to(ROOT).as_posix()}" for path in toy_files}
     with zipfile.ZipFile(wheel) as archive:
         shipped = {name for name in archive.namelist() if name.startswith("erasure/_resources/")}

@@ -513,13 +513,12 @@ def test_before_after_report_on_the_tiny_model(
 ) -> None:
     wordings = tmp_path / "held-out.csv"
     wordings.write_text("prompt,evaluation_seed,case_number,class\nred a,5,0,a red\na red one,6,1,a red\n")
-    monkeypatch.setitem(report.HELD_OUT_WORDINGS, "tiny", wordings)
     model.ldm_config = OmegaConf.create({"sampling": {"steps": 2, "guidance_scale": 1.0}})
     trainer = sepce(model, fabric, iterations=1, lr=1000.0)
     trainer.fit()
     increment = trainer.increments()["a red"]
     detach(model, CONCEPTS)
-    world = World("tiny", ("", "a red"), classifier=f"{__name__}.constant_classifier")
+    world = World("tiny", ("", "a red"), classifier=f"{__name__}.constant_classifier", held_out_wordings=str(wordings))
     table = before_after_report(model, [increment], world, tmp_path / "run", samples_per_class=2)
     record = json.loads(report_paths(tmp_path / "run")[1].read_text())
     rows = {(row["class"], row["prompts"]): row for row in record["classes"]}

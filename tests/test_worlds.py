@@ -88,3 +88,12 @@ def test_config_files_and_dotted_paths(tmp_path: Path) -> None:
         load_target("erasure.worlds.nothing")
     with pytest.raises(WorldError, match="returned a str, not a torch module"):
         World("x", ("", "a"), classifier="os.path.basename").load_classifier()
+
+
+def test_held_out_wordings_resolve_beside_the_toy_files_and_a_wrong_path_is_named() -> None:
+    world = world_from_config_file(TOY_CONFIG)
+    path = world.held_out_wordings_path()
+    assert path is not None and path.is_file() and path.name == "toy-heldout-wordings.csv"
+    assert World("sd-like", ("", "x")).held_out_wordings_path() is None
+    with pytest.raises(WorldError, match="not-there.csv, which is not a file"):
+        World("w", ("", "x"), held_out_wordings="data/not-there.csv").held_out_wordings_path()

@@ -7,8 +7,9 @@ its pixel change. The grid's rows are the classes (named at the left), its colum
 samples, then the "after" samples of the same seeds.
 
 Protection and training see only the exact class prompts, so the table also has, per class, a
-row of held-out wordings (``HELD_OUT_WORDINGS``: the toy world's data/toy-heldout-wordings.csv,
-the first ``samples_per_class`` wordings of each class with their own seeds; METHOD.md §2).
+row of held-out wordings (the world's ``held_out_wordings`` file, on the toy model
+data/toy-heldout-wordings.csv: the first ``samples_per_class`` wordings whose image should show
+each class, with their own seeds; METHOD.md §2).
 """
 
 from __future__ import annotations
@@ -34,13 +35,11 @@ SAMPLES_PER_CLASS = 8
 FIRST_SEED = 10_000
 COLUMNS = ("class", "prompts", "erased", "acc_before", "acc_after", "pixel_change_max")
 HEADERS = ("class", "prompts", "erased", "accuracy before", "accuracy after", "largest pixel change")
-#: world name -> wordings never trained or protected (columns prompt, evaluation_seed, case_number, class).
-HELD_OUT_WORDINGS = {"toy": Path(__file__).resolve().parents[2] / "data" / "toy-heldout-wordings.csv"}
 
 
 def held_out_wordings(world: World) -> list[PromptRow]:
     """The world's held-out wordings (none for a world without a file)."""
-    path = HELD_OUT_WORDINGS.get(world.name)
+    path = world.held_out_wordings_path()
     return [] if path is None else read_prompts(path, (*REQUIRED_COLUMNS, "class"))
 
 
