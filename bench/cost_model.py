@@ -48,6 +48,7 @@ from common import (
     timing_summary,
 )
 from erasure.increments import cross_attention_kv
+from erasure.loading import unet_on_meta
 from erasure.settings import ESDSettings
 from erasure.trainers.weights import cross_attention_parameters, esd_u_parameters
 from ldm.util import instantiate_from_config
@@ -109,20 +110,9 @@ def count_method(method: str, steps: int, ddim_steps: int, seed: int, device: to
     return per_step
 
 
-def sd_unet_on_meta() -> nn.Module:
-    """SD v1.4's UNet (v1-inference.yaml) without memory, inside the attribute path the library's
-    parameter selections expect (``model.diffusion_model``)."""
-    config = OmegaConf.load(SD_CONFIG).model.params.unet_config
-    holder = nn.Module()
-    holder.model = nn.Module()
-    with torch.device("meta"):
-        holder.model.diffusion_model = instantiate_from_config(config)
-    return holder
-
-
 def sd_trained_parameters(concepts: int) -> dict[str, int]:
     """Trained parameters of each method on SD v1.4 (``concepts`` erased jointly by SepCE)."""
-    holder = sd_unet_on_meta()
+    holder = unet_on_meta(SD_CONFIG)
     layers = cross_attention_kv(holder)
     width = next(iter(layers.values())).in_features
     dims = width - SD_TOKENS - (SD_TOKENS - 1) * (concepts - 1)

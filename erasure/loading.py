@@ -134,6 +134,18 @@ def _resolve_paths(
     return paths
 
 
+def unet_on_meta(config_path: str | Path | None = None) -> nn.Module:
+    """The config's UNet on the ``meta`` device (shapes, no memory, no weights, no text encoder),
+    inside the attribute path of a LatentDiffusion (``model.diffusion_model``), so that sizes can be
+    measured before the model is loaded. No path: the embedded toy model's config."""
+    config = read_config(Path(config_path) if config_path is not None else require_toy_file(TOY_CONFIG))
+    holder = nn.Module()
+    holder.model = nn.Module()
+    with torch.device("meta"):
+        holder.model.diffusion_model = instantiate_from_config(config.model.params.unet_config)
+    return holder
+
+
 def read_config(config_path: Path) -> DictConfig:
     """Read an ldm YAML config; every ``ckpt_path`` in it is cleared (weights come from the loader)."""
     try:

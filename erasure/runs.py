@@ -4,8 +4,9 @@ around the API call.
 ``run_training(fabric, request)`` runs in every process: before loading anything it checks every
 output (not present unless --overwrite, its folder writable or creatable, the image cache too),
 takes the run's lock ``{stem}.lock`` (one run per output stem; a killed run's lock is taken over)
-and removes temporary files that killed saves left in the output folder; after loading it checks
-the free space the results and checkpoints need. It then calls ``train_sepce`` / ``train_cie`` /
+and removes temporary files that killed saves left in the output folder, and checks the free space
+the results and checkpoints need (from the config's UNet shapes on ``meta``); then it loads the
+model and calls ``train_sepce`` / ``train_cie`` /
 ``train_esd`` with a checkpoint next to the outputs (``--resume`` continues a killed run to the
 same result), lets rank 0 write the result files (and, for a world with a classifier, the
 before/after report), removes the checkpoint and prints ONE JSON line: per concept the steps run,
@@ -37,7 +38,7 @@ from erasure.errors import ErasureError
 from erasure.files import check_folder_writable, check_free_space, check_writable, remove_stale_temporaries, run_lock
 from erasure.images import list_images
 from erasure.increments import check_distinct_names, cross_attention_kv, slugify
-from erasure.loading import TOY_CONFIG, load_model
+from erasure.loading import TOY_CONFIG, load_model, unet_on_meta
 from erasure.settings import CiESettings, ESDSettings, SepCESettings, TrainingSettings
 from erasure.trainers.data import concept_folder, generated_root
 from erasure.trainers.esd import TRAINED_SETS
@@ -234,7 +235,8 @@ def _json_number(value: Any) -> Any:
 
 
 def needed_bytes(model: Any, request: RunRequest) -> int:
-    """An upper bound of the bytes a run writes into ``output_dir``: its results (float32 trained
+    """An upper bound of the bytes a run writes into ``output_dir`` (``model`` may be the UNet on
+    ``meta``: only shapes count): its results (float32 trained
     tensors; a SepCE increment's coefficients are at most its layers' width), the checkpoints
     (``CHECKPOINT_COPIES``) and the report."""
     settings = request.settings
@@ -271,8 +273,9 @@ def _locked_run(
     checkpoint = stem.with_name(stem.name + CHECKPOINT_SUFFIX)
     report = len(outputs) > len(files)
     prepare_outputs(fabric, outputs, checkpoint, request)
+    check_free_space(request.output_dir, needed_bytes(unet_on_meta(request.config_path), request),
+                     "The results and checkpoints of this run")
     model = load_model(request.config_path, request.ckpt_path, use_ema=request.use_ema, verbose=fabric.global_rank == 0)
-    check_free_space(request.output_dir, needed_bytes(model, request), "The results and checkpoints of this run")
     model.to(fabric.device)
     say(f"Training on {fabric.device} in {fabric.world_size} process(es).", flush=True)
     settings = replace(request.settings, lr=lr, checkpoint=checkpoint)

@@ -264,13 +264,14 @@ def test_unwritable_outputs_are_refused_before_loading(
     assert tree_hashes(tmp_path) == before
 
 
-def test_too_little_free_space_is_refused_before_training(
+def test_too_little_free_space_is_refused_before_loading(
     model_files: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     real_usage = files.shutil.disk_usage
     monkeypatch.setattr(files.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1024))
     argv = sepce_argv(model_files, tmp_path)
     before = tree_hashes(tmp_path)
+    forbid_loading(monkeypatch)
     line = exit_line(train((cli.sepce_parser(), SepCESettings), argv, monkeypatch), capsys)
     assert "The results and checkpoints of this run need about" in line and "only 0 MiB are free" in line
     assert tree_hashes(tmp_path) == before and not list((tmp_path / "out").glob("*.lock"))
