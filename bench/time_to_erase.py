@@ -35,7 +35,6 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,6 +68,7 @@ from erasure.trainers.data import encode_images
 from erasure.trainers.loop import ConceptTrainer
 from erasure.training import train_sepce
 from erasure.wordings import default_templates, fill
+from erasure.worlds import world_of
 
 METHODS = ("sepce", "cie", "esd_x", "closed_form")
 THRESHOLD = 0.20
@@ -76,7 +76,6 @@ SPEED_GOAL = 3.0
 #: The closed form's goal against ESD-x (total seconds, model loading excluded for both).
 CLOSED_FORM_GOAL = 100.0
 LAMBDAS = {"sepce": SepCESettings().lam, "cie": CiESettings().lam, "esd_x": 0.0}
-HELD_OUT = Path(__file__).resolve().parents[1] / "data" / "toy-heldout-wordings.csv"
 #: Seeds of the training-wording samples (the held-out file's rows bring their own): used by nothing else.
 WORDING_SEED = 9_000_000
 TAU = 1e-4
@@ -123,13 +122,13 @@ def training_latents(model: nn.Module, count: int) -> torch.Tensor:
     return encode_images(model, (images * 255).round() / 255)
 
 
-def wording_rows() -> dict[str, list[WordingRow]]:
+def wording_rows(model: nn.Module) -> dict[str, list[WordingRow]]:
     """The artist's training wordings (the closed form's built-in ones) and its held-out wordings."""
     trained = [fill(template, CONCEPT) for template in default_templates("toy", "artist")]
     class_id = class_index(CONCEPT)
     return {
         "training": [WordingRow(p, WORDING_SEED + 1000 * i, class_id, None, None) for i, p in enumerate(trained)],
-        "held_out": read_wording_rows(HELD_OUT, concept=CONCEPT),
+        "held_out": read_wording_rows(world_of(model).held_out_wordings_path(), concept=CONCEPT),
     }
 
 
@@ -172,7 +171,7 @@ def main(args: argparse.Namespace) -> None:
     original = build_model("toy", device)
     before_images: dict[str, torch.Tensor] = {}
     before = measure_quality(original, oracle, samples, args.seed, images=before_images).artist
-    wordings = wording_rows()
+    wordings = wording_rows(original)
     wording_samples = sized(args.wording_samples, args.quick, 1, 10)
     if args.quick:
         wordings = {name: rows[:2] for name, rows in wordings.items()}

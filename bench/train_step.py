@@ -55,7 +55,7 @@ from common import (
     timing_summary,
 )
 from erasure.bases import compute_bases
-from erasure.losses import concept_representation, direction_loss
+from erasure.losses import concept_representation, direction_loss, representation_energy
 from erasure.settings import SepCESettings
 from erasure.trainers.loop import ConceptTrainer, StepLoss, predict_eps
 from erasure.trainers.sepce import SepCETrainer
@@ -89,8 +89,9 @@ class TwoCopySepCETrainer(SepCETrainer):
         with torch.no_grad():
             frozen = predict_eps(self.frozen_model, inputs, timesteps, context)
         trained = predict_eps(self.model, inputs, timesteps, context)
-        direction = direction_loss(concept_representation(*trained.chunk(2)), concept_representation(*frozen.chunk(2)))
-        return StepLoss(direction, {concept: direction.detach()})
+        r_frozen = concept_representation(*frozen.chunk(2))
+        direction = direction_loss(concept_representation(*trained.chunk(2)), r_frozen)
+        return StepLoss(direction, {concept: direction.detach()}, {concept: representation_energy(r_frozen)})
 
 
 def make_variant(

@@ -56,12 +56,12 @@ from erasure.toy.quality import WordingRow, read_wording_rows
 from erasure.toy.world import ARTISTS, COLOURS, OBJECTS, class_index
 from erasure.training import train_sepce
 from erasure.wordings import default_templates, fill
+from erasure.worlds import world_of
 
 CASES = ("artist", "object", "joint", "protect")
 ARTIST = "ysolde marrin"
 OBJECT = "triangle"
 JOINT_SIZES = (2, 3, 9)
-HELD_OUT = Path(__file__).resolve().parents[1] / "data" / "toy-heldout-wordings.csv"
 FIRST_SEED = 8_000_000
 THRESHOLD = 0.20
 #: The oracle's labels per task and the images of one prompt's samples.
@@ -83,6 +83,11 @@ class Judge:
         self.model, self.oracle, self.samples = model, oracle, samples
         self.original: dict[tuple[str, int], Verdict] = {}
         self.seeds: dict[str, int] = {}
+        self.held_out_path = world_of(model).held_out_wordings_path()
+
+    def held_out(self, concept: str, limit: int | None) -> list[WordingRow]:
+        """The concept's rows of the world's held-out wordings (never used to erase)."""
+        return read_wording_rows(self.held_out_path, concept=concept)[:limit]
 
     def rows(self, prompts: Sequence[tuple[str, str]]) -> list[WordingRow]:
         """Rows for (prompt, expected artist) pairs, each prompt with its own block of seeds."""
@@ -135,10 +140,6 @@ def erase(model: nn.Module, concepts: list[str], settings: SepCESettings) -> tup
     return increments, time.perf_counter() - started
 
 
-def held_out(concept: str, limit: int | None) -> list[WordingRow]:
-    return read_wording_rows(HELD_OUT, concept=concept)[:limit]
-
-
 def compositions(artists: Sequence[str], limit: int) -> list[tuple[str, str]]:
     """One ``a {colour} {object} by {artist}`` prompt per artist, cycling through the grid."""
     return [(f"a {COLOURS[i % 4]} {OBJECTS[(i + 1 + i // 4) % 4]} by {artist}", artist)
@@ -152,7 +153,7 @@ def artist_case(judge: Judge, settings: SepCESettings, quick: bool) -> list[dict
     groups = {
         "bare name": judge.rows([(ARTIST, ARTIST)]),
         "training wordings": judge.rows([(p, ARTIST) for p in trained[: 4 if quick else None]]),
-        "held-out wordings": held_out(ARTIST, 4 if quick else None),
+        "held-out wordings": judge.held_out(ARTIST, 4 if quick else None),
         "other artists' compositions": judge.rows(compositions(others, 3 if quick else 8)),
         "other artists' bare names": judge.rows([(a, a) for a in others[: 2 if quick else 8]]),
         "blank-style compositions": judge.rows([(f"a {c} {o}", "") for c, o in zip(COLOURS, OBJECTS[::-1])]
@@ -170,7 +171,7 @@ def object_case(judge: Judge, settings: SepCESettings, quick: bool) -> list[dict
     groups = {
         "training wordings": judge.rows([(fill(t, OBJECT), artist_of(fill(t, OBJECT)))
                                          for t in default_templates("toy", "object")][: 3 if quick else None]),
-        "held-out wordings": held_out(OBJECT, 3 if quick else None),
+        "held-out wordings": judge.held_out(OBJECT, 3 if quick else None),
         "other objects": judge.rows([(f"a {c} {o}", "") for o in others for c in COLOURS[:2]][: 2 if quick else None]),
         "other objects by artists": judge.rows([(f"a {COLOURS[i]} {o} by {ARTISTS[i]}", ARTISTS[i])
                                                 for i, o in enumerate(others)][: 1 if quick else None]),
@@ -191,7 +192,7 @@ def joint_case(judge: Judge, settings: SepCESettings, quick: bool) -> list[dict[
         members = list(ARTISTS[:size])
         increments, seconds = erase(judge.model, members, settings)
         for member in members:
-            rows = judge.rows([(member, member)]) + held_out(member, 1 if quick else 2)
+            rows = judge.rows([(member, member)]) + judge.held_out(member, 1 if quick else 2)
             results.append({"case": f"joint {size}", "what": f"{member}: bare + held-out, all erased",
                             "solve_s": seconds, **judge.measure(rows, increments)})
         for member, increment in zip(members, increments):
@@ -215,7 +216,7 @@ def protect_case(judge: Judge, settings: SepCESettings, energies: Sequence[float
             report = increment.metadata["summary"]["protection"][ARTIST]
             groups = {
                 "other artists' compositions (protected)": judge.rows(compositions(others, 3 if quick else 8)),
-                "held-out wordings": held_out(ARTIST, 3 if quick else 8),
+                "held-out wordings": judge.held_out(ARTIST, 3 if quick else 8),
             }
             for what, rows in groups.items():
                 results.append({"case": f"protect {energy}", "what": what, "solve_s": seconds,
@@ -236,7 +237,7 @@ def main(args: argparse.Namespace) -> None:
     results = []
     for mu in args.mu:
         settings = SepCESettings(solver=args.solver, mu=mu, progress=False, iterations=args.iterations,
-                                 save_every=0, seed=args.seed)
+                                 save_every=0, seed=args.seed, tau=args.tau)
         for case in args.cases:
             progress(f"{case}, mu {mu}")
             if case == "artist":
@@ -269,6 +270,8 @@ def parser() -> argparse.ArgumentParser:
                         help="protect_energy values of the protect case (default: 0.999 0.99)")
     result.add_argument("--samples", type=int, default=None, help="samples per prompt (default: 20; --quick: 2)")
     result.add_argument("--iterations", type=int, default=1000, help="step limit of the optimising solvers")
+    result.add_argument("--tau", type=float, default=SepCESettings().tau,
+                        help=f"momentum stop of the optimising solvers (default: {SepCESettings().tau})")
     return add_common_arguments(result, repeats=None)
 
 

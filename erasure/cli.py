@@ -24,8 +24,10 @@ from erasure.runs import RunRequest, run_training
 from erasure.samplers import SAMPLERS, SamplingSettings, sampling_settings
 from erasure.settings import (
     CONCEPT_KINDS,
+    DEFAULT_TAU,
     ESD_TIMESTEPS,
     SEPCE_SOLVERS,
+    STOP_RULES,
     JOINT_OBJECTIVES,
     CiESettings,
     ESDSettings,
@@ -159,7 +161,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, method: str, needs_i
     if method != "esd":
         stop = parser.add_argument_group("momentum stop (METHOD.md §1)")
         stop.add_argument("--alpha", type=float, default=defaults.alpha, help="momentum of L_dir (default: 0.9)")
-        stop.add_argument("--tau", type=float, default=defaults.tau, help="stop when the momentum <= tau (default: 1e-4)")
+        stop.add_argument("--stop", choices=STOP_RULES, default=defaults.stop,
+                          help="relative (default): stop when the momentum <= tau x the concept's representation "
+                          "energy mean(r_c(W0)^2), so objects and artists train alike; absolute: <= tau (the reference)")
+        stop.add_argument("--tau", type=float, default=defaults.tau,
+                          help=f"the stop's threshold (default: {DEFAULT_TAU['relative']:g} relative, "
+                          f"{DEFAULT_TAU['absolute']:g} absolute)")
         stop.add_argument("--warmup", type=int, default=defaults.warmup,
                           help="steps before the stop rule applies (default: 10)")
 

@@ -4,7 +4,7 @@
 attaches the increments (separable: each one leaves the others' protected prompts unchanged)
 and adds the weight differences. ``remove(model, edits)`` takes them off again: an increment is
 detached (the exact original weights remain), a weight difference is subtracted (exact up to
-float rounding). Restoring an erased concept (METHOD.md §4) is ``remove`` of its edit.
+float rounding; the handle ``apply`` returns restores the original tensors bit for bit). Restoring an erased concept (METHOD.md §4) is ``remove`` of its edit.
 
 ``apply`` returns an ``AppliedEdits`` handle, which is also a context manager:
 
@@ -26,6 +26,7 @@ from erasure.increments import INCREMENT_KIND, Increment, IncrementError, compos
 from erasure.loading import model_fingerprint
 from erasure.weight_differences import (
     WEIGHT_DIFFERENCE_KIND,
+    DifferenceMerge,
     WeightDifference,
     apply_weight_difference,
     check_base_model,
@@ -56,9 +57,10 @@ def _as_list(edits: Edit | Sequence[Edit]) -> list[Edit]:
 class AppliedEdits:
     """Edits applied to a model; ``remove()`` (or leaving a ``with`` block) takes them off."""
 
-    def __init__(self, model: nn.Module, edits: list[Edit]) -> None:
+    def __init__(self, model: nn.Module, edits: list[Edit], merge: DifferenceMerge | None = None) -> None:
         self.model = model
         self.edits = edits
+        self.merge = merge
         self.removed = False
 
     @property
@@ -72,9 +74,15 @@ class AppliedEdits:
         return [f"{edit.method}/{edit.concept}" for edit in self.edits if isinstance(edit, WeightDifference)]
 
     def remove(self) -> None:
-        if not self.removed:
-            remove(self.model, self.edits)
-            self.removed = True
+        """Detach the increments and put back the original tensors the weight differences changed."""
+        if self.removed:
+            return
+        increments = [edit for edit in self.edits if isinstance(edit, Increment)]
+        if increments:
+            remove(self.model, increments)
+        if self.merge is not None:
+            self.merge.restore()
+        self.removed = True
 
     def __enter__(self) -> AppliedEdits:
         return self
@@ -95,11 +103,12 @@ def apply(model: nn.Module, edits: Edit | Sequence[Edit]) -> AppliedEdits:
         for difference in differences:
             check_base_model(difference, fingerprint)
             check_fits(model, difference)
+    merge = DifferenceMerge(model, differences) if differences else None
     if increments:
         compose(model, increments)
-    for difference in differences:
-        apply_weight_difference(model, difference, check_fingerprint=False)
-    return AppliedEdits(model, items)
+    if merge is not None:
+        merge.merge(differences)
+    return AppliedEdits(model, items, merge)
 
 
 def remove(model: nn.Module, edits: Edit | Sequence[Edit]) -> None:

@@ -67,16 +67,29 @@ def joint_weights(products: Sequence[torch.Tensor]) -> torch.Tensor:
     return norms.max() / norms
 
 
+def representation_energy(r_frozen: torch.Tensor) -> torch.Tensor:
+    """``mean(r_c(W0)^2)``: the value L_dir has at dW = 0, the scale of the relative stop (METHOD.md §1)."""
+    return r_frozen.detach().float().pow(2).mean()
+
+
 class MomentumStopper:
     """Momentum of ``L_dir`` and the CiE stopping rule for one concept.
 
     ``m`` starts at the first ``L_dir`` and then follows ``m <- alpha m + (1 - alpha) L_dir``.
-    ``update`` returns True when training of this concept should stop: ``m <= tau`` once more
-    than ``warmup`` steps have run (``stop_reason = "converged"``), or ``max_steps`` steps
+    ``update`` returns True when training of this concept should stop: ``m <= threshold`` once
+    more than ``warmup`` steps have run (``stop_reason = "converged"``), or ``max_steps`` steps
     (``"max_steps"``). After it has stopped, further updates are refused.
+
+    The threshold is ``tau`` (``relative=False``: METHOD.md §1's absolute rule) or ``tau`` times
+    the momentum of the concept's representation energy ``mean(r_c(W0)^2)`` (``relative=True``):
+    L_dir's scale differs by concept (a toy artist starts near 0.36, a toy object near 0.02, an
+    object with a colour near 0.002), so an absolute tau stops an object while most of its
+    correlation is left.
     """
 
-    def __init__(self, alpha: float = 0.9, tau: float = 1e-4, warmup: int = 10, max_steps: int = 1000) -> None:
+    def __init__(
+        self, alpha: float = 0.9, tau: float = 1e-4, warmup: int = 10, max_steps: int = 1000, relative: bool = False
+    ) -> None:
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}.")
         if not math.isfinite(tau):
@@ -87,7 +100,9 @@ class MomentumStopper:
         self.tau = float(tau)
         self.warmup = int(warmup)
         self.max_steps = int(max_steps)
+        self.relative = bool(relative)
         self.momentum: float | None = None
+        self.energy: float | None = None
         self.steps = 0
         self.stop_reason: str | None = None
 
@@ -95,8 +110,19 @@ class MomentumStopper:
     def stopped(self) -> bool:
         return self.stop_reason is not None
 
-    def update(self, l_dir: float) -> bool:
-        """Record one step's ``L_dir``; True when this concept should stop now."""
+    @property
+    def threshold(self) -> float | None:
+        """What the momentum is compared with (None before the first relative update)."""
+        if not self.relative:
+            return self.tau
+        return None if self.energy is None else self.tau * self.energy
+
+    def _follow(self, current: float | None, value: float) -> float:
+        return value if current is None else self.alpha * current + (1 - self.alpha) * value
+
+    def update(self, l_dir: float, energy: float | None = None) -> bool:
+        """Record one step's ``L_dir`` (and, for the relative rule, the step's ``mean(r_c(W0)^2)``);
+        True when this concept should stop now."""
         if self.stopped:
             raise RuntimeError(f"This stopper already stopped ({self.stop_reason}) after {self.steps} steps.")
         value = float(l_dir)
@@ -105,9 +131,13 @@ class MomentumStopper:
                 f"L_dir is {value} at step {self.steps + 1}; training diverged (lower the learning rate and resume "
                 f"from the last good checkpoint)."
             )
+        if self.relative:
+            if energy is None or not math.isfinite(energy) or energy < 0:
+                raise ValueError(f"The relative stop needs the step's representation energy (finite, >= 0), got {energy}.")
+            self.energy = self._follow(self.energy, float(energy))
         self.steps += 1
-        self.momentum = value if self.momentum is None else self.alpha * self.momentum + (1 - self.alpha) * value
-        if self.steps > self.warmup and self.momentum <= self.tau:
+        self.momentum = self._follow(self.momentum, value)
+        if self.steps > self.warmup and self.momentum <= self.threshold:
             self.stop_reason = "converged"
         elif self.steps >= self.max_steps:
             self.stop_reason = "max_steps"
@@ -119,20 +149,25 @@ class MomentumStopper:
             "tau": self.tau,
             "warmup": self.warmup,
             "max_steps": self.max_steps,
+            "relative": self.relative,
             "momentum": self.momentum,
+            "energy": self.energy,
             "steps": self.steps,
             "stop_reason": self.stop_reason,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()``; the hyper-parameters must be the ones this stopper was built with."""
-        settings = {"alpha": self.alpha, "tau": self.tau, "warmup": self.warmup, "max_steps": self.max_steps}
-        changed = {key: (state.get(key), value) for key, value in settings.items() if state.get(key) != value}
+        settings = {"alpha": self.alpha, "tau": self.tau, "warmup": self.warmup, "max_steps": self.max_steps,
+                    "relative": self.relative}
+        saved = {"relative": False, **state}  # checkpoints written before the relative rule used the absolute one
+        changed = {key: (saved.get(key), value) for key, value in settings.items() if saved.get(key) != value}
         if changed:
             raise ValueError(
                 f"Cannot resume a stopper with other settings (saved vs now: {changed}); resume with the saved "
                 f"settings or start a new run."
             )
         self.momentum = None if state["momentum"] is None else float(state["momentum"])
+        self.energy = None if saved.get("energy") is None else float(saved["energy"])
         self.steps = int(state["steps"])
         self.stop_reason = state["stop_reason"]

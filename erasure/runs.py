@@ -109,15 +109,20 @@ def _hyperparameters(settings: TrainingSettings) -> dict[str, float]:
     if isinstance(settings, SepCESettings) and settings.solver == "closed_form":
         shown = {"mu": settings.mu}  # no optimiser: lr, lam and tau play no part
     elif isinstance(settings, SepCESettings):
-        shown = {"lr": settings.lr, "beta": settings.beta, "lam": settings.lam, "tau": settings.tau}
+        shown = {"lr": settings.lr, "beta": settings.beta, "lam": settings.lam, **_stop(settings)}
         if settings.solver == "closed_form+cie":
             shown["mu"] = settings.mu
     elif isinstance(settings, ESDSettings):
         shown = {"lr": settings.lr, "iter": settings.iterations, "sg": settings.start_guidance,
                  "ng": settings.negative_guidance}
     else:
-        shown = {"lr": settings.lr, "lam": settings.lam, "tau": settings.tau}
+        shown = {"lr": settings.lr, "lam": settings.lam, **_stop(settings)}
     return {**shown, "seed": settings.seed}
+
+
+def _stop(settings: TrainingSettings) -> dict[str, float]:
+    """``taurel_<tau>`` for the relative stop, ``tau_<tau>`` for the absolute one (METHOD.md §1)."""
+    return {"taurel" if settings.stop == "relative" else "tau": settings.stop_tau}
 
 
 def _resolved(path: str | Path | None) -> str | None:

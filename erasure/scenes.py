@@ -42,12 +42,7 @@ from erasure.loading import model_fingerprint
 from erasure.evaluation import evaluate
 from erasure.metrics import ConceptEvaluator
 from erasure.scene_tables import ERASED, EXACT, REGULAR, RESTORED, SceneResult, SceneRow
-from erasure.weight_differences import (
-    WeightDifference,
-    apply_weight_difference,
-    check_base_model,
-    check_fits,
-)
+from erasure.weight_differences import DifferenceMerge, WeightDifference, check_base_model
 
 #: What a scene measures per class and step (METHOD.md §4, as the paper's Table 2).
 SCENE_METRICS = ("acc", "fid", "lpips")
@@ -239,7 +234,9 @@ class IncrementEdits:
 
 
 class WeightDifferenceEdits:
-    """Baseline weight differences: erase adds them, restore subtracts them.
+    """Baseline weight differences: erased concepts' differences are merged into the original
+    weights (``DifferenceMerge``: original + sum, so a restore is exact and the model is left
+    bit for bit as it was found).
 
     All are checked against the base model up front: once one is added, the model's
     fingerprint is no longer the base model's.
@@ -249,23 +246,24 @@ class WeightDifferenceEdits:
         fingerprint = model_fingerprint(model)
         for difference in differences.values():
             check_base_model(difference, fingerprint)
-            check_fits(model, difference)
-        self.model = model
         self.differences = dict(differences)
+        self.merged = DifferenceMerge(model, list(self.differences.values()))
+        self.erased: list[str] = []
 
     @property
     def concepts(self) -> list[str]:
         return list(self.differences)
 
-    def _apply(self, concepts: Sequence[str], sign: float) -> None:
-        for concept in concepts:
-            apply_weight_difference(self.model, self.differences[concept], sign, check_fingerprint=False)
+    def _merge(self) -> None:
+        self.merged.merge([self.differences[concept] for concept in self.erased])
 
     def erase(self, concepts: Sequence[str]) -> None:
-        self._apply(concepts, 1.0)
+        self.erased += [concept for concept in concepts if concept not in self.erased]
+        self._merge()
 
     def restore(self, concepts: Sequence[str]) -> None:
-        self._apply(concepts, -1.0)
+        self.erased = [concept for concept in self.erased if concept not in concepts]
+        self._merge()
 
 
 def make_edits(model: nn.Module, edits: Mapping[str, Increment | WeightDifference]) -> Edits:

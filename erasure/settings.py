@@ -39,6 +39,13 @@ DEFAULT_WATERMARK_PROMPT = "watermark SRS-ME"
 #: drawn from the DDIM step's 20-step bin), "noise_level" = the DDPM step whose noise z really has.
 ESD_TIMESTEPS = ("reference", "noise_level")
 ESD_TRAIN_METHODS = {"xattn": "esd_x", "noxattn": "esd_u"}
+#: METHOD.md §1: the momentum stop compares L_dir's momentum with tau times the concept's own
+#: representation energy (relative, the default) or with tau itself (absolute, the reference).
+STOP_RULES = ("relative", "absolute")
+#: The default tau of each stop rule: the reference's 1e-4 (absolute); 3e-4 of the starting energy
+#: (relative), the share the reference's 1e-4 is of a toy artist's starting L_dir (0.36), so artists
+#: stop where they did and concepts with a small representation (objects) train on.
+DEFAULT_TAU = {"absolute": 1e-4, "relative": 3e-4}
 
 
 def default_learning_rate(method: str, world: str) -> float:
@@ -50,7 +57,8 @@ def default_learning_rate(method: str, world: str) -> float:
 @dataclass(frozen=True)
 class TrainingSettings:
     """What every trainer shares. ``iterations`` is the per-concept step limit; the momentum stop
-    (``alpha``, ``tau`` after ``warmup`` steps) is METHOD.md §1's. ``checkpoint`` (a file path)
+    (``alpha``, ``tau`` after ``warmup`` steps, ``stop`` relative or absolute; ``tau=None`` is the
+    rule's ``DEFAULT_TAU``) is METHOD.md §1's. ``checkpoint`` (a file path)
     makes the run resumable: written every ``save_every`` steps, continued when ``resume``."""
 
     #: The method whose default learning rate ``lr=None`` stands for (a DEFAULT_LEARNING_RATES key).
@@ -61,7 +69,8 @@ class TrainingSettings:
     batch_size: int = 1
     seed: int = 0
     alpha: float = 0.9
-    tau: float = 1e-4
+    tau: float | None = None
+    stop: str = "relative"
     warmup: int = 10
     num_images: int = 100
     save_every: int = 100
@@ -79,8 +88,15 @@ class TrainingSettings:
             raise SettingsError(f"save_every (--save_every) must be >= 0 (0: never), got {self.save_every}.")
         if not math.isfinite(self.alpha) or not 0 <= self.alpha < 1:
             raise SettingsError(f"alpha (--alpha) must be in [0, 1), got {self.alpha}.")
-        if not math.isfinite(self.tau):
+        if self.tau is not None and not math.isfinite(self.tau):
             raise SettingsError(f"tau (--tau) must be a finite number, got {self.tau}.")
+        if self.stop not in STOP_RULES:
+            raise SettingsError(f"stop (--stop) must be one of {STOP_RULES}, got {self.stop!r}.")
+
+    @property
+    def stop_tau(self) -> float:
+        """``tau``, or the stop rule's default when it is None."""
+        return DEFAULT_TAU[self.stop] if self.tau is None else self.tau
         if self.resume and self.checkpoint is None:
             raise SettingsError("resume=True needs a checkpoint path (settings.checkpoint).")
 
@@ -95,6 +111,7 @@ class TrainingSettings:
         settings = asdict(self)
         for key in ("checkpoint", "resume", "progress", "save_every"):
             settings.pop(key)
+        settings["tau"] = self.stop_tau
         return settings
 
 
@@ -198,6 +215,13 @@ class ESDSettings(TrainingSettings):
     start_guidance: float = 3.0
     negative_guidance: float = 1.0
     timestep: str = "reference"
+
+    def result_settings(self) -> dict[str, Any]:
+        """As the others', without the stop rule: ESD runs all its iterations."""
+        settings = super().result_settings()
+        for key in ("tau", "stop"):
+            settings.pop(key)
+        return settings
 
     def validate(self) -> None:
         super().validate()

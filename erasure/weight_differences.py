@@ -2,7 +2,9 @@
 
 A baseline is stored, as the paper merges baselines, as ``trained - original`` for every
 state-dict tensor that training changed; applying it adds it to a model (``sign=-1`` takes
-it away again, exact up to float rounding). Keys are the model's state-dict keys, i.e. the
+it away again, exact up to float rounding; ``DifferenceMerge`` keeps the original tensors, so a
+set of differences can be switched on and off any number of times and the model restored bit for
+bit). Keys are the model's state-dict keys, i.e. the
 CompVis checkpoint keys (``model.diffusion_model....attn2.to_q.weight``).
 
 ``erasure.edits`` applies and removes files of either kind, so scripts can
@@ -12,7 +14,7 @@ CompVis checkpoint keys (``model.diffusion_model....attn2.to_q.weight``).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,3 +167,41 @@ def apply_weight_difference(
         for key, delta in difference.deltas.items():
             target = state[key]
             target.add_(delta.to(device=target.device, dtype=target.dtype), alpha=sign)
+
+
+class DifferenceMerge:
+    """Merge any subset of ``differences`` into a model as ``original + sum`` (in the given order),
+    from copies of the original tensors they touch.
+
+    Adding and subtracting float32 differences in place leaves rounding residue: after a scene's
+    erase / restore steps the model would no longer be the base model (its fingerprint changes,
+    and later steps would carry the residue). Every merge here starts from the kept originals, so
+    a subset's weights do not depend on the order of earlier steps and ``restore()`` is exact.
+    """
+
+    def __init__(self, model: nn.Module, differences: Sequence[WeightDifference]) -> None:
+        state = model.state_dict(keep_vars=True)
+        for difference in differences:
+            check_fits(model, difference)
+        keys = sorted({key for difference in differences for key in difference.deltas})
+        self.targets = {key: state[key] for key in keys}
+        self.originals = {key: state[key].detach().clone() for key in keys}
+        self.differences = list(differences)
+
+    def merge(self, active: Sequence[WeightDifference]) -> None:
+        """Set every touched tensor to its original plus the deltas of ``active`` (others off)."""
+        chosen = {id(difference) for difference in active}
+        unknown = [d.describe() for d in active if all(d is not known for known in self.differences)]
+        if unknown:
+            raise WeightDifferenceError(f"{unknown} are not part of this merge; build it with every difference.")
+        with torch.no_grad():
+            for key, target in self.targets.items():
+                value = self.originals[key].clone()
+                for difference in self.differences:
+                    if id(difference) in chosen and key in difference.deltas:
+                        value.add_(difference.deltas[key].to(device=value.device, dtype=value.dtype))
+                target.copy_(value)
+
+    def restore(self) -> None:
+        """The original tensors, bit for bit."""
+        self.merge([])

@@ -8,8 +8,8 @@ SepCE trains its increments as --protocol says (erasure/scenes.py): ``paper`` (d
 concept's increment when it is first erased, jointly with the others erased then, protecting "",
 the watermark prompt and every concept erased or restored so far; ``protect_all`` trains them all
 at the start, each protecting "", the watermark prompt and every other --concepts. CiE and ESD-x
-train one weight difference per concept (the protocol does not change them) and are merged by
-adding / subtracting weight differences. Edits are kept in --increments_dir and reused when their
+train one weight difference per concept (the protocol does not change them) and are merged as the
+original weights plus the differences of the concepts erased at each step. Edits are kept in --increments_dir and reused when their
 settings, base model and (SepCE) protected prompts match exactly; otherwise the run stops and
 says why (--retrain trains again). An interrupted training resumes.
 
@@ -86,6 +86,7 @@ from erasure.settings import (
     DEFAULT_WATERMARK_PROMPT,
     JOINT_OBJECTIVES,
     SEPCE_SOLVERS,
+    STOP_RULES,
     CiESettings,
     ESDSettings,
     SepCESettings,
@@ -152,7 +153,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="ESD's steps (it has no stop rule; default: --iterations; 50 erase a toy artist)")
     training.add_argument("--lr", type=float, default=None, help="default: the method's for the model (erasure.settings)")
     training.add_argument("--lam", type=float, default=None, help="L1 weight (SepCE, CiE; default: the method's)")
-    training.add_argument("--tau", type=float, default=None, help="momentum stop (SepCE, CiE; default: 1e-4)")
+    training.add_argument("--stop", choices=STOP_RULES, default=None,
+                          help="momentum stop rule (SepCE, CiE; default: relative, METHOD.md §1)")
+    training.add_argument("--tau", type=float, default=None,
+                          help="momentum stop threshold (SepCE, CiE; default: the rule's, erasure.settings.DEFAULT_TAU)")
     training.add_argument("--beta", type=float, default=None, help="increment scale (SepCE; default: 1e-4)")
     training.add_argument("--min_dims", type=int, default=None, help="smallest null space (SepCE; default: 8)")
     training.add_argument("--watermark_prompt", default=DEFAULT_WATERMARK_PROMPT,
@@ -187,12 +191,12 @@ def training_settings(args: argparse.Namespace, method: str) -> TrainingSettings
         "lr": args.lr, "iterations": args.iterations, "batch_size": args.train_batch_size, "seed": args.train_seed,
         "num_images": args.num_images, "progress": not args.no_progress,
     }
-    given = {flag: getattr(args, flag) for flag in ("lam", "tau", "beta", "min_dims") if getattr(args, flag) is not None}
+    given = {flag: getattr(args, flag) for flag in ("lam", "tau", "stop", "beta", "min_dims") if getattr(args, flag) is not None}
     if method == "sepce":
         return SepCESettings(**common, **given, protect_classes=False, watermark_prompt=args.watermark_prompt,
                              joint_objective=args.joint_objective, solver=args.solver)
     if method == "cie":
-        return CiESettings(**common, **{key: value for key, value in given.items() if key in ("lam", "tau")})
+        return CiESettings(**common, **{key: value for key, value in given.items() if key in ("lam", "tau", "stop")})
     return ESDSettings(**{**common, "iterations": args.esd_iterations or args.iterations})
 
 

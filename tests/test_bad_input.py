@@ -334,7 +334,7 @@ def test_run_names_hold_every_setting_that_decides_the_result() -> None:
         return result["vela quorin"].name, stem.name
 
     base = names()
-    assert base[0].startswith("sepce-vela_quorin-lr_1-beta_1e-4-lam_1e-6-tau_1e-4-seed_0-")
+    assert base[0].startswith("sepce-vela_quorin-lr_1-beta_1e-4-lam_1e-6-taurel_3e-4-seed_0-")
     for changed in ({"seed": 1}, {"iterations": 5}, {"num_images": 4}, {"batch_size": 2}, {"alpha": 0.5}):
         other = names(**changed)
         assert other[0] != base[0] and other[1] != base[1], changed

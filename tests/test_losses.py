@@ -140,3 +140,29 @@ def test_stopper_resume_continues_identically() -> None:
     assert uninterrupted.state_dict() == resumed.state_dict() and resumed.stop_reason == "converged"
     with pytest.raises(ValueError, match="other settings"):
         MomentumStopper(tau=1e-2, warmup=5, max_steps=200).load_state_dict(first_half.state_dict())
+
+
+def test_relative_stop_scales_with_the_concepts_energy() -> None:
+    """The same decay of L_dir relative to its start stops a large and a small concept at the same
+    step under the relative rule; the absolute rule stops the small one far earlier (METHOD.md §1)."""
+
+    def stop_step(scale: float, relative: bool) -> int:
+        stopper = MomentumStopper(tau=3e-4 if relative else 1e-4, warmup=10, max_steps=5000, relative=relative)
+        step = 0
+        while not stopper.update(scale * 0.97**step, scale if relative else None):
+            step += 1
+        return stopper.steps
+
+    artist, obj = 0.36, 0.0017
+    assert stop_step(artist, True) == stop_step(obj, True)
+    assert stop_step(obj, False) < stop_step(artist, False) - 100
+    stopper = MomentumStopper(relative=True)
+    with pytest.raises(ValueError, match="representation energy"):
+        stopper.update(0.1)
+    stopper.update(0.1, 0.2)
+    assert stopper.threshold == pytest.approx(0.2 * 1e-4)
+    fresh = MomentumStopper(relative=True)
+    fresh.load_state_dict(stopper.state_dict())
+    assert fresh.energy == stopper.energy and fresh.momentum == stopper.momentum
+    with pytest.raises(ValueError, match="other settings"):
+        MomentumStopper(relative=False).load_state_dict(stopper.state_dict())

@@ -191,7 +191,7 @@ def test_sepce_restore_gives_the_original_images(model: nn.Module) -> None:
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
 
 
-def test_weight_difference_timeline_adds_and_subtracts(model: nn.Module) -> None:
+def test_weight_difference_timeline_merges_and_restores_bit_for_bit(model: nn.Module) -> None:
     keys = [key for key in model.state_dict() if key.endswith(("attn2.to_k.weight", "attn2.to_q.weight"))]
     state = model.state_dict()
     original = {key: state[key].clone() for key in keys}
@@ -211,8 +211,10 @@ def test_weight_difference_timeline_adds_and_subtracts(model: nn.Module) -> None
         for key in keys:
             wanted = original[key] + sum(differences[c].deltas[key] for c in expected)
             torch.testing.assert_close(model.state_dict()[key], wanted, atol=1e-5, rtol=0)
-    for key in keys:
-        torch.testing.assert_close(model.state_dict()[key], original[key], atol=1e-5, rtol=0)
+    # restored from the kept originals, not by subtraction: bit for bit, so the base model's edits still load
+    assert all(torch.equal(model.state_dict()[key], original[key]) for key in keys)
+    assert model_fingerprint(model) == fingerprint
+    make_edits(model, differences)
     differences["vela quorin"].metadata["base_model_fingerprint"] = "0" * 16
     with pytest.raises(WeightDifferenceError, match="was trained on base model 0000"):
         make_edits(model, differences)
@@ -392,7 +394,7 @@ def test_run_scenes_end_to_end_and_reuse(
     assert "#### t1: restore vela quorin, tamsin brack" in table and "## held-out prompts" in table
     assert "oracle-feature LPIPS" in table and "| t3 | sepce |" in table
     increments = sorted(path.name for path in (tmp_path / "increments").rglob("*.safetensors"))
-    assert increments[0].startswith("sepce-baptiste_keel-lr_1e4-beta_1e-4-lam_1e-6-tau_1e-4")
+    assert increments[0].startswith("sepce-baptiste_keel-lr_1e4-beta_1e-4-lam_1e-6-taurel_3e-4")
     assert len(increments) == 6
 
     with pytest.raises(ValueError, match="already exists"):

@@ -409,7 +409,7 @@ def test_sepce_script_writes_named_increments_and_one_json_line(
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
     [expected] = runs.result_files(cli.request_from_args(args, SepCESettings), 0.1)[0].values()
-    assert expected.name.startswith("sepce-a_red-lr_0.1-beta_1e-4-lam_1e-6-tau_1e-4-seed_0-")
+    assert expected.name.startswith("sepce-a_red-lr_0.1-beta_1e-4-lam_1e-6-taurel_3e-4-seed_0-")
     assert summary["outputs"] == [str(expected)]
     assert summary["concepts"]["a red"]["steps"] == 2 and summary["seconds"] > 0
     increment = Increment.load(expected)
@@ -462,7 +462,7 @@ def test_cie_script_generates_missing_images_once(
     folders = list((tmp_path / "generated").glob("*/a_red"))
     assert len(folders) == 1 and len(list(folders[0].glob("*.png"))) == 2
     written = json.loads(out.strip().splitlines()[-1])["outputs"][0]
-    assert Path(written).name.startswith("cie-a_red-lr_1e-3-lam_1e-6-tau_1e-4-seed_0-")
+    assert Path(written).name.startswith("cie-a_red-lr_1e-3-lam_1e-6-taurel_3e-4-seed_0-")
     assert WeightDifference.load(written).method == "cie"
     run(fabric, cli_args(
         cli.cie_parser(), model_files, "--prompt", "a red", "--num_images", "2", "--output_dir", str(tmp_path / "out"),

@@ -14,7 +14,12 @@ import torch
 from lightning_fabric import Fabric
 from torch import nn
 
-from erasure.losses import concept_representation, direction_loss, l1_regulariser
+from erasure.losses import (
+    concept_representation,
+    direction_loss,
+    l1_regulariser,
+    representation_energy,
+)
 from erasure.trainers.loop import (
     StepLoss,
     predict_eps,
@@ -55,6 +60,7 @@ class CiETrainer(WeightTrainer):
         with torch.no_grad(), self.original_weights():
             frozen = predict_eps(self.model, inputs, timesteps, context)
         trained = predict_eps(self.model, inputs, timesteps, context)
-        direction = direction_loss(concept_representation(*trained.chunk(2)), concept_representation(*frozen.chunk(2)))
+        r_frozen = concept_representation(*frozen.chunk(2))
+        direction = direction_loss(concept_representation(*trained.chunk(2)), r_frozen)
         loss = direction + self.lam * l1_regulariser(self.weight_changes()) if self.lam else direction
-        return StepLoss(loss, {self.concept: direction.detach()})
+        return StepLoss(loss, {self.concept: direction.detach()}, {self.concept: representation_energy(r_frozen)})

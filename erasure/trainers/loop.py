@@ -38,11 +38,13 @@ from ldm.models.diffusion.ddim import DDIMSampler
 
 @dataclass
 class StepLoss:
-    """One step on this rank: the loss to back-propagate and each training concept's tracked value
-    (L_dir for CiE/SepCE, the MSE for ESD) as a detached local mean."""
+    """One step on this rank: the loss to back-propagate, each training concept's tracked value
+    (L_dir for CiE/SepCE, the MSE for ESD) and, for the relative stop, its representation energy
+    ``mean(r_c(W0)^2)`` (``erasure.losses.representation_energy``), as detached local means."""
 
     loss: torch.Tensor
     tracked: dict[str, torch.Tensor] = field(default_factory=dict)
+    energy: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,7 +105,8 @@ class ConceptTrainer(ABC):
         """Everything that decides the result, compared on resume and stored with the outputs."""
 
     def make_stopper(self) -> MomentumStopper:
-        return MomentumStopper(self.settings.alpha, self.settings.tau, self.settings.warmup, self.settings.iterations)
+        return MomentumStopper(self.settings.alpha, self.settings.stop_tau, self.settings.warmup,
+                               self.settings.iterations, relative=self.settings.stop == "relative")
 
     def training_concepts(self) -> list[str]:
         """Concepts that train in the next step (default: every one not yet stopped)."""
@@ -204,13 +207,17 @@ class ConceptTrainer(ABC):
         optimizer.zero_grad(set_to_none=True)
         with self.fabric.autocast():
             result = self.step_loss(generator, concepts)
-        values = global_mean(self.fabric, [result.loss.detach().float(), *[result.tracked[c] for c in concepts]])
+        relative = [c for c in concepts if self.stoppers[c].relative]
+        values = global_mean(self.fabric, [result.loss.detach().float(), *[result.tracked[c] for c in concepts],
+                                           *[result.energy[c].float() for c in relative]])
+        energies = dict(zip(relative, values[1 + len(concepts):].tolist()))
+        values = values[: 1 + len(concepts)]
         self._check_finite(values, ["loss", *concepts])
         self.fabric.backward(result.loss)
         average_gradients(self.fabric, list(self.trained_parameters().values()))
         optimizer.step()
         for concept, value in zip(concepts, values[1:].tolist()):
-            if self.stoppers[concept].update(value):
+            if self.stoppers[concept].update(value, energies.get(concept)):
                 self.on_stop(concept)
         self.step += 1
         return values[0].item()
@@ -246,6 +253,7 @@ class ConceptTrainer(ABC):
                     "steps": stopper.steps,
                     "stop_reason": stopper.stop_reason,
                     "momentum": stopper.momentum,
+                    "stop_threshold": stopper.threshold,
                 }
                 for concept, stopper in self.stoppers.items()
             },

@@ -43,6 +43,7 @@ from erasure.losses import (
     direction_product,
     joint_weights,
     l1_regulariser,
+    representation_energy,
 )
 from erasure.trainers.loop import (
     ConceptTrainer,
@@ -146,13 +147,14 @@ class SepCETrainer(ConceptTrainer):
             torch.cat([self.contexts(c, rows) for c in concepts]),
         )
         frozen_concept, frozen_blank = frozen.chunk(2)
-        products = []
+        products, energies = [], []
         for index in range(len(concepts)):
             part = slice(index * rows, (index + 1) * rows)
             blank = frozen_blank[part]
             r_frozen = concept_representation(frozen_concept[part], blank)
             r_trained = concept_representation(trained[part], blank)
             products.append(direction_product(r_trained, r_frozen))
+            energies.append(representation_energy(r_frozen))
         # eta_i uses the norms of P_i over the global batch: sum the squares over ranks.
         global_norms = global_sum(self.fabric, [product.detach().float().pow(2).sum() for product in products]).sqrt()
         if torch.isfinite(global_norms).all():
@@ -162,9 +164,11 @@ class SepCETrainer(ConceptTrainer):
         directions = [product.mean() for product in products]
         weighted = sum(weight * direction for weight, direction in zip(eta, directions))
         loss = weighted + self.lam * self.regulariser(concepts) if self.lam else weighted
-        if self.paper_objective:  # one weighted momentum: every concept tracks the same value
-            return StepLoss(loss, {c: weighted.detach() for c in concepts})
-        return StepLoss(loss, {c: direction.detach() for c, direction in zip(concepts, directions)})
+        if self.paper_objective:  # one weighted momentum: every concept tracks the same value (and scale)
+            energy = sum(weight * value for weight, value in zip(eta, energies))
+            return StepLoss(loss, {c: weighted.detach() for c in concepts}, {c: energy for c in concepts})
+        return StepLoss(loss, {c: direction.detach() for c, direction in zip(concepts, directions)},
+                        dict(zip(concepts, energies)))
 
     def regulariser(self, concepts: list[str]) -> torch.Tensor:
         """``sum_i ||dW_i||_1 / M`` (per_concept) or ``||sum_i dW_i||_1 / M`` (paper), M layers."""
