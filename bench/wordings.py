@@ -111,8 +111,11 @@ class Judge:
     def measure(self, rows: Sequence[WordingRow], edits: Sequence[Any]) -> dict[str, Any]:
         """Per group of ``rows``: expected-class share before / after, object share, pixel change."""
         self.original.update(self._sample([r for r in rows if (r.prompt, r.seed) not in self.original]))
-        with apply(self.model, list(edits)):
-            after = self._sample(rows)
+        if edits:
+            with apply(self.model, list(edits)):
+                after = self._sample(rows)
+        else:
+            after = {(r.prompt, r.seed): self.original[r.prompt, r.seed] for r in rows}
 
         def share(verdicts: dict[tuple[str, int], Verdict], task: str) -> float | None:
             hits = []
@@ -164,22 +167,45 @@ def artist_case(judge: Judge, settings: SepCESettings, quick: bool) -> list[dict
             for what, rows in groups.items()]
 
 
+#: The object recipe beside the default: map the object onto a neighbour and keep the other objects'
+#: prompts (data/toy-protect-other-objects.txt: bare, "a", every colour, every colour by every artist)
+#: at this share of their energy (METHOD.md §6).
+NEIGHBOUR, OBJECT_ENERGY = "circle", 0.99
+OTHER_OBJECTS = Path(__file__).resolve().parents[1] / "data" / "toy-protect-other-objects.txt"
+
+
 def object_case(judge: Judge, settings: SepCESettings, quick: bool) -> list[dict[str, Any]]:
-    object_settings = replace(settings, concept_kind="object")
-    [increment], seconds = erase(judge.model, [OBJECT], object_settings)
+    """The object with the default target ("" removes the name) and with the recipe: target
+    NEIGHBOUR, every other object's prompt protected at OBJECT_ENERGY."""
     others = [o for o in OBJECTS if o != OBJECT]
     groups = {
         "training wordings": judge.rows([(fill(t, OBJECT), artist_of(fill(t, OBJECT)))
                                          for t in default_templates("toy", "object")][: 3 if quick else None]),
         "held-out wordings": judge.held_out(OBJECT, 3 if quick else None),
+        # the closed form's targets, same seeds: how often the original model draws the object unasked
+        "held-out wordings, name removed (original model)": [
+            WordingRow(" ".join(r.prompt.replace(OBJECT, "").split()), r.seed, r.class_id, OBJECTS.index(OBJECT), None)
+            for r in judge.held_out(OBJECT, 3 if quick else None)],
         "other objects": judge.rows([(f"a {c} {o}", "") for o in others for c in COLOURS[:2]][: 2 if quick else None]),
         "other objects by artists": judge.rows([(f"a {COLOURS[i]} {o} by {ARTISTS[i]}", ARTISTS[i])
                                                 for i, o in enumerate(others)][: 1 if quick else None]),
         "artists' bare names": judge.rows([(a, a) for a in ARTISTS[: 2 if quick else 9]]),
     }
-    return [{"case": "object", "what": what, "solve_s": seconds, **judge.measure(rows, [increment]),
-             "protection": increment.metadata["summary"]["protection"][OBJECT]["exact"]["worst"]}
-            for what, rows in groups.items()]
+    variants = {
+        "object": replace(settings, concept_kind="object"),
+        f"object -> {NEIGHBOUR}, others protected {OBJECT_ENERGY:g}": replace(
+            settings, concept_kind="object", target=NEIGHBOUR, protect_file=str(OTHER_OBJECTS),
+            protect_energy=OBJECT_ENERGY),
+    }
+    results = []
+    for case, variant in variants.items():
+        [increment], seconds = erase(judge.model, [OBJECT], variant)
+        for what, rows in groups.items():
+            edits = [] if what.endswith("(original model)") else [increment]
+            results.append({"case": case, "what": what, "solve_s": seconds, **judge.measure(rows, edits),
+                            "protection": increment.metadata["summary"]["protection"][OBJECT]["exact"]["worst"],
+                            "dims": increment.basis.dims})
+    return results
 
 
 def artist_of(prompt: str) -> str:
@@ -237,7 +263,9 @@ def main(args: argparse.Namespace) -> None:
     results = []
     for mu in args.mu:
         settings = SepCESettings(solver=args.solver, mu=mu, progress=False, iterations=args.iterations,
-                                 save_every=0, seed=args.seed, tau=args.tau)
+                                 save_every=0, seed=args.seed, tau=args.tau, target=args.target,
+                                 protect_file=args.protect_file, protect_energy=args.protect_energy,
+                                 concept_templates=args.concept_templates)
         for case in args.cases:
             progress(f"{case}, mu {mu}")
             if case == "artist":
@@ -270,6 +298,15 @@ def parser() -> argparse.ArgumentParser:
                         help="protect_energy values of the protect case (default: 0.999 0.99)")
     result.add_argument("--samples", type=int, default=None, help="samples per prompt (default: 20; --quick: 2)")
     result.add_argument("--iterations", type=int, default=1000, help="step limit of the optimising solvers")
+    result.add_argument("--concept_templates", default=None,
+                        help="wordings file of the solvers (default: the built-in ones; the groups measured stay the "
+                        "built-in training wordings and the held-out file)")
+    result.add_argument("--protect_file", default=None,
+                        help="prompts every case's increments also protect (--protect_energy; the protect case adds its own)")
+    result.add_argument("--protect_energy", type=float, default=SepCESettings().protect_energy,
+                        help=f"share of --protect_file's energy kept (default: {SepCESettings().protect_energy:g})")
+    result.add_argument("--target", default=SepCESettings().target,
+                        help="what replaces the concept's name in every wording (default: '' = removed)")
     result.add_argument("--tau", type=float, default=SepCESettings().tau,
                         help=f"momentum stop of the optimising solvers (default: {SepCESettings().tau})")
     return add_common_arguments(result, repeats=None)

@@ -205,7 +205,9 @@ def sepce_parser() -> argparse.ArgumentParser:
     solve.add_argument("--target", default=defaults.target,
                        help="what replaces the concept's name in every wording (default: '' = the name removed)")
     solve.add_argument("--concept_templates", default=None, metavar="FILE",
-                       help="wordings, one a line, each with {name} (default: the built-in ones of --concept_kind)")
+                       help="wordings, one a line, each with {name}, fitted by the closed form and trained over by the "
+                       "optimiser (default: the built-in ones of --concept_kind; a file with the one line {name}: the "
+                       "paper's bare prompt)")
     solve.add_argument("--concept_kind", choices=CONCEPT_KINDS, default=defaults.concept_kind,
                        help="which built-in wordings: artist (default) or object")
     solve.add_argument("--protect_file", default=None, metavar="FILE",

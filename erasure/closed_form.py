@@ -22,6 +22,10 @@ tokens after the replacement, in order; the name's tokens are paired with what i
 omega = 1: without the UNet's attention weights, a uniform prior over the keys a query may
 read bounds the change of the attention output by the unweighted sum (Cauchy-Schwarz).
 
+Joint sets (``joint=True``, ``--mode joint``): the members' edits all act on every member's
+wordings (each basis protects the others' exact prompts only), so they are solved together, the
+sum fitted to every member's rows (``solve_joint_maps``); protection and restoration stay exact.
+
 Ridge mu. ``mu`` is relative: the absolute ridge is ``mu * trace(B B^T) / k``, the mean
 eigenvalue of B B^T, so one value suits every model width and number of wordings. Small mu
 fits the wordings closely with large edits (more drift on unprotected prompts); large mu
@@ -148,19 +152,56 @@ def solve_map(basis: torch.Tensor, rows: WordingRows, mu: float = DEFAULT_MU) ->
     return g, {"ridge": ridge, "rows": int(b.shape[1]), "residual_before": before, "residual_after": after}
 
 
-def closed_form_coefficients(
-    model: nn.Module, basis: ConceptBasis, rows: WordingRows, mu: float = DEFAULT_MU, beta: float = 1e-4
+def solve_joint_maps(
+    bases: Sequence[torch.Tensor], rows: Sequence[WordingRows], mu: float = DEFAULT_MU
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """``G_j`` [d, k_j] for every concept of a joint set, solved together (METHOD.md §6).
+
+    Erased together, the increments all act on every member's wordings: increment j leaves the
+    other members' exact prompts unchanged (its basis protects them) but not their other
+    wordings. The joint solve fits the SUM of the edits to every member's rows:
+    ``min sum_i ||sum_j A_j S_j x - W (y - x)||^2 + sum_j ridge_j ||A_j||^2`` over all members'
+    rows, one [K, K] system (K = sum_j k_j) with each block's ridge as in ``solve_map``.
+    """
+    stacked = torch.cat([basis.to(torch.float64) for basis in bases])  # [K, d]
+    concept = torch.cat([r.concept for r in rows])  # [n, d]
+    residual = torch.cat([r.target - r.concept for r in rows])
+    b = stacked @ concept.T  # [K, n]
+    ridges, blocks = [], []
+    for basis, r in zip(bases, rows):
+        own = basis.to(torch.float64) @ r.concept.T
+        ridge = mu * float((own * own).sum()) / own.shape[0]
+        if ridge == 0:
+            raise SettingsError(
+                "A concept's wordings have no component in its null space (trace(B B^T) = 0): the basis protects "
+                "every direction the concept uses. Protect fewer prompts."
+            )
+        ridges.append(ridge)
+        blocks.append(torch.full((own.shape[0],), ridge, dtype=torch.float64))
+    system = b @ b.T + torch.diag(torch.cat(blocks))
+    g = torch.linalg.solve(system, b @ residual).T  # [d, K]
+    fitted = b.T @ g.T
+    sizes = [int(basis.shape[0]) for basis in bases]
+    diagnostics = {"ridges": ridges, "rows": int(b.shape[1]), "unknowns": int(b.shape[0]),
+                   "residual_before": float(residual.norm()), "residual_after": float((residual - fitted).norm())}
+    return list(g.split(sizes, dim=1)), diagnostics
+
+
+def coefficients_from_map(
+    model: nn.Module, basis: ConceptBasis, g: torch.Tensor, beta: float = 1e-4
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Coefficients {layer: w_l [out, k]} of the closed-form increment, float32, and diagnostics."""
-    g, diagnostics = solve_map(basis.basis, rows, mu)
+    """Coefficients {layer: w_l = W_l G / beta [out, k]}, float32, and the edits' relative sizes."""
     coeffs, relative = {}, []
     for name, layer in cross_attention_kv(model).items():
         weight = layer.weight.detach().to("cpu", torch.float64)
         change = weight @ g  # A_l
         relative.append(float((change @ basis.basis.to(torch.float64)).norm() / weight.norm()))
         coeffs[name] = (change / beta).to(torch.float32)
-    diagnostics["edit_norm_relative"] = {"max": max(relative), "mean": sum(relative) / len(relative)}
-    return coeffs, diagnostics
+    return coeffs, {"edit_norm_relative": {"max": max(relative), "mean": sum(relative) / len(relative)}}
+
+
+#: The joint solve's [K, K] float64 system above this many unknowns (2 GiB) is refused.
+MAX_JOINT_UNKNOWNS = 16384
 
 
 def check_target(target: str, concepts: Sequence[str], protected: Sequence[str]) -> None:
@@ -186,32 +227,50 @@ def closed_form_increments(
     beta: float = 1e-4,
     record: Mapping[str, Any] | None = None,
     keep: bool = False,
+    joint: bool = False,
 ) -> dict[str, Increment]:
     """One closed-form increment per concept of ``bases``, each fitted over its ``templates``;
     with ``keep`` the same templates filled with every prompt its basis protects are kept as they
-    are (``with_kept_wordings``).
+    are (``with_kept_wordings``). ``joint`` (``--mode joint``) solves the set together
+    (``solve_joint_maps``: the sum of the edits fits every member's wordings), else each concept
+    alone (``--mode sequential``: an increment does not depend on the set).
 
     ``record`` (the run's settings) is stored in every increment's metadata beside the solve's
     diagnostics and a ``summary`` shaped like the trainers' (steps 0, stop reason "closed_form").
     """
     fingerprint = model_fingerprint(model)
     started = time.perf_counter()
+    rows = {}
+    for concept, basis in bases.items():
+        rows[concept] = wording_rows(model, concept, templates[concept], target)
+        if keep:
+            rows[concept] = with_kept_wordings(model, rows[concept], basis.protected_prompts, templates[concept])
+    if joint and len(bases) > 1:
+        unknowns = sum(basis.dims for basis in bases.values())
+        if unknowns > MAX_JOINT_UNKNOWNS:
+            raise SettingsError(
+                f"The joint closed form of {len(bases)} concepts solves for {unknowns} coefficients per output row "
+                f"(the sum of their null-space dimensions), more than {MAX_JOINT_UNKNOWNS} ({unknowns ** 2 * 8 / 2**30:.1f} "
+                f"GiB in float64); solve them one at a time with --mode sequential."
+            )
+        maps, shared = solve_joint_maps([basis.basis for basis in bases.values()], list(rows.values()), mu)
+        solves = {concept: (g, {"ridge": ridge, "joint": shared})
+                  for concept, g, ridge in zip(bases, maps, shared["ridges"])}
+    else:
+        solves = {concept: solve_map(basis.basis, rows[concept], mu) for concept, basis in bases.items()}
     solved = {}
     for concept, basis in bases.items():
-        began = time.perf_counter()
-        rows = wording_rows(model, concept, templates[concept], target)
-        if keep:
-            rows = with_kept_wordings(model, rows, basis.protected_prompts, templates[concept])
-        coeffs, diagnostics = closed_form_coefficients(model, basis, rows, mu, beta)
-        diagnostics.update(wordings=rows.wordings, targets=rows.targets, seconds=round(time.perf_counter() - began, 4))
+        g, diagnostics = solves[concept]
+        coeffs, sizes = coefficients_from_map(model, basis, g, beta)
+        diagnostics = {**diagnostics, **sizes, "wordings": rows[concept].wordings, "targets": rows[concept].targets}
         solved[concept] = (coeffs, diagnostics)
     seconds = time.perf_counter() - started
     summary = {
         "method": "sepce",
         "solver": "closed_form",
         "concepts": {
-            concept: {"steps": 0, "stop_reason": "closed_form", "momentum": None, "solve_seconds": diag["seconds"]}
-            for concept, (_, diag) in solved.items()
+            concept: {"steps": 0, "stop_reason": "closed_form", "momentum": None}
+            for concept in solved
         },
         "seconds": round(seconds, 4),
     }
@@ -221,7 +280,8 @@ def closed_form_increments(
             "method": "sepce",
             "settings": dict(record or {}),
             "summary": summary,
-            "closed_form": {"mu": mu, "target": target, "keep_wordings": keep, **diagnostics},
+            "closed_form": {"mu": mu, "target": target, "keep_wordings": keep, "joint": joint and len(bases) > 1,
+                            **diagnostics},
             "base_model_fingerprint": fingerprint,
             "versions": versions(),
         }
@@ -247,5 +307,5 @@ def solve_sepce(model: nn.Module, bases: Mapping[str, ConceptBasis], settings: S
               "protected_prompts": {concept: basis.protected_prompts for concept, basis in bases.items()}}
     return closed_form_increments(
         model, bases, dict.fromkeys(bases, templates), settings.target, settings.mu, settings.beta, record,
-        settings.keep_wordings,
+        settings.keep_wordings, settings.mode == "joint",
     )

@@ -23,7 +23,7 @@ from lightning_fabric import Fabric
 from torch import nn
 
 from erasure.bases import BLANK_PROMPT, compute_bases, normalise_prompt
-from erasure.closed_form import solve_sepce
+from erasure.closed_form import concept_templates, solve_sepce
 from erasure.increments import Increment, cross_attention_kv, detach
 from erasure.protection import attach_protection_reports
 from erasure.settings import CiESettings, ESDSettings, SepCESettings, TrainingSettings
@@ -33,7 +33,7 @@ from erasure.trainers.esd import ESDTrainer
 from erasure.trainers.runtime import TrainingSetupError
 from erasure.trainers.sepce import SepCETrainer
 from erasure.weight_differences import WeightDifference
-from erasure.wordings import read_protect_file
+from erasure.wordings import fill, read_protect_file
 from erasure.worlds import world_of
 
 #: Training images: {concept: images [N, 3, H, W] (uint8, or float in [0, 1])}, or a folder of per-concept folders.
@@ -121,7 +121,7 @@ def train_sepce(
     Every increment leaves the keys and values of ``""``, of the other concepts (joint and
     sequential modes use the same bases, METHOD.md §2), of the watermark prompt, of ``protect``
     and (see ``protected_prompts``) of the world's other classes unchanged. ``settings.solver``:
-    "cie" trains the CiE loss from zero, "closed_form" solves over the concept's wordings (METHOD.md
+    "cie" trains the CiE loss from zero over the concept's wordings, "closed_form" solves over them (METHOD.md
     §6; no images, no UNet call), "closed_form+cie" trains from the closed form. The prompts of
     ``settings.protect_file`` are protected at ``settings.protect_energy`` (METHOD.md §6); every
     increment records each protected prompt's relative K/V change (``erasure.protection``).
@@ -144,7 +144,9 @@ def train_sepce(
         increments = start
     else:
         latents = training_latents(model, concepts, settings, fabric, images, cache_dir)
-        trainer = SepCETrainer(model, fabric, bases, latents, settings)
+        templates = concept_templates(world_of(model).name, settings)
+        wordings = {concept: [fill(template, concept) for template in templates] for concept in concepts}
+        trainer = SepCETrainer(model, fabric, bases, latents, settings, wordings)
         try:
             _start_from(model, start)
             trainer.fit()

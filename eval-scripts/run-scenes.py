@@ -164,6 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--solver", choices=SEPCE_SOLVERS, default=SepCESettings().solver,
                           help="how SepCE's coefficients are found (default: cie, the training loop; closed_form: "
                           "METHOD.md §6, no UNet call)")
+    training.add_argument("--concept_templates", type=Path, default=None, metavar="FILE",
+                          help="SepCE: wordings each concept is erased over, one a line with {name} (default: the "
+                          "built-in artist wordings; a file with the one line {name}: the paper's bare prompt)")
     training.add_argument("--joint_objective", choices=JOINT_OBJECTIVES, default=SepCESettings().joint_objective,
                           help="SepCE's joint objective (default: per_concept; METHOD.md §2)")
     training.add_argument("--train_batch_size", type=int, default=1, help="training batch (default: 1)")
@@ -193,8 +196,9 @@ def training_settings(args: argparse.Namespace, method: str) -> TrainingSettings
     }
     given = {flag: getattr(args, flag) for flag in ("lam", "tau", "stop", "beta", "min_dims") if getattr(args, flag) is not None}
     if method == "sepce":
+        templates = str(args.concept_templates) if args.concept_templates else None
         return SepCESettings(**common, **given, protect_classes=False, watermark_prompt=args.watermark_prompt,
-                             joint_objective=args.joint_objective, solver=args.solver)
+                             joint_objective=args.joint_objective, solver=args.solver, concept_templates=templates)
     if method == "cie":
         return CiESettings(**common, **{key: value for key, value in given.items() if key in ("lam", "tau", "stop")})
     return ESDSettings(**{**common, "iterations": args.esd_iterations or args.iterations})

@@ -237,3 +237,37 @@ def test_run_names_show_the_solver_and_only_the_settings_it_uses(tmp_path: Path)
     assert name(solver="closed_form", mu=0.5) != name(solver="closed_form")
     assert name(solver="closed_form+cie").startswith("sepce_closed_form_cie-vela_quorin-lr_1-beta_1e-4-")
     assert name().startswith("sepce-vela_quorin-lr_1-")
+
+
+def test_joint_solve_fits_the_sum_on_every_members_wordings(wide_model: nn.Module, monkeypatch) -> None:
+    """--mode joint: the set's edits are solved together, so their SUM maps every member's wordings
+    onto its targets better than independently solved edits do; each increment still leaves the
+    other members' exact prompts unchanged (restoring one is exact), and a set too large for one
+    system is refused with the sizes (METHOD.md §6)."""
+    concepts = ["q", "r"]
+    bases = compute_bases(wide_model, concepts, PROTECTED)
+    layers = cross_attention_kv(wide_model)
+
+    rows = {concept: wording_rows(wide_model, concept, TEMPLATES) for concept in concepts}
+    with torch.no_grad():
+        targets = {(c, name): layer(rows[c].target.float()) for c in concepts for name, layer in layers.items()}
+
+    def residual(increments: dict[str, Increment]) -> float:
+        compose(wide_model, list(increments.values()))
+        try:
+            with torch.no_grad():
+                return sum(float((layer(rows[c].concept.float()) - targets[c, name]).norm() ** 2)
+                           for c in concepts for name, layer in layers.items())
+        finally:
+            detach(wide_model, [increment.name for increment in increments.values()])
+
+    templates = dict.fromkeys(concepts, TEMPLATES)
+    alone = closed_form_increments(wide_model, bases, templates, mu=1e-3)
+    together = closed_form_increments(wide_model, bases, templates, mu=1e-3, joint=True)
+    assert together["q"].metadata["closed_form"]["joint"] and not alone["q"].metadata["closed_form"]["joint"]
+    assert residual(together) < residual(alone)
+    changes = relative_kv_changes(wide_model, together["q"], ["", *PROTECTED, "r"])
+    assert max(changes.values()) <= 1e-5  # q's increment leaves r (and every protected prompt) exact
+    monkeypatch.setattr("erasure.closed_form.MAX_JOINT_UNKNOWNS", bases["q"].dims)
+    with pytest.raises(SettingsError, match=rf"{bases['q'].dims + bases['r'].dims} coefficients.*--mode sequential"):
+        closed_form_increments(wide_model, bases, templates, joint=True)

@@ -334,11 +334,14 @@ def script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 def scene_argv(files: tuple[Path, Path, Path], out: Path, *extra: str) -> list[str]:
     config_path, ckpt_path, data_dir = files
+    bare = out / "bare-name.txt"  # the paper's training on the bare prompt: two steps move every concept
+    bare.write_text("{name}\n", encoding="utf-8")
     return [
         "--scene", "1", "--concepts", *ARTISTS[:6], "--config_path", str(config_path), "--ckpt_path", str(ckpt_path),
         "--data_dir", str(data_dir), "--increments_dir", str(out / "increments"),
         "--original_dir", str(out / "original"), "--output_dir", str(out / "scene"), "--num_samples", "2",
-        "--iterations", "2", "--lr", "1e4", "--lpips", "world", "--no_progress", *extra,
+        "--iterations", "2", "--lr", "1e4", "--lpips", "world", "--no_progress", "--concept_templates", str(bare),
+        *extra,
     ]
 
 

@@ -115,6 +115,26 @@ def test_sepce_joint_changes_only_coefficients(model: nn.Module, fabric: Fabric)
         assert summary["concepts"][concept]["stop_reason"] == "max_steps"
 
 
+def test_sepce_trains_over_the_concepts_wordings(wide_config: Path, fabric: Fabric) -> None:
+    """Each row is conditioned on one of the concept's wordings (METHOD.md §6), so a second wording
+    changes what is learned; the bare concept alone is the default."""
+    def coefficients(wordings: dict[str, list[str]] | None) -> list[torch.Tensor]:
+        model = build_wide_tiny_model(wide_config)
+        bases = compute_bases(model, CONCEPTS, min_dims=1)
+        trainer = SepCETrainer(model, fabric, bases, random_latents(model), config(batch_size=4), wordings)
+        trainer.fit()
+        assert trainer.run_settings()["wordings"] == (wordings or {c: [c] for c in CONCEPTS})
+        if wordings and len(wordings[CONCEPTS[0]]) > 1:  # the bare prompt keeps half the rows
+            drawn = torch.cat([trainer.draw_wordings(torch.Generator().manual_seed(k), CONCEPTS[0]) for k in range(200)])
+            assert 0.4 < (drawn == 0).float().mean() < 0.6 and set(drawn.tolist()) == {0, 1}
+        return [value.detach().clone() for value in trainer.trained_parameters().values()]
+
+    bare = coefficients(None)
+    assert all(torch.equal(a, b) for a, b in zip(bare, coefficients({c: [c] for c in CONCEPTS})))
+    worded = coefficients({c: [c, f"{c} art"] for c in CONCEPTS})
+    assert any(not torch.allclose(a, b) for a, b in zip(bare, worded))
+
+
 def test_sepce_keeps_protected_keys_and_values(model: nn.Module, fabric: Fabric) -> None:
     trainer = sepce(model, fabric, lr=100.0)
     trainer.fit()

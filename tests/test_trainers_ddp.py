@@ -36,6 +36,7 @@ def write_model_and_images(directory: Path) -> tuple[Path, Path, Path]:
         for index in range(3):
             pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(directory / "data" / concept / f"{index:05d}.png")
+    (directory / "wordings.txt").write_text("{name}\n{name} art\n", encoding="utf-8")
     return config, ckpt, directory / "data"
 
 
@@ -48,6 +49,8 @@ def arguments(config: Path, ckpt: Path, data: Path, output: Path) -> list[str]:
         # gets gradients of rounding size, which Adam turns into lr-sized steps that differ between
         # a 1-process and a 2-process sum (measured: 42 entries, one per column, of one 64x42 layer).
         "--watermark_prompt", "",
+        # each row draws one of two wordings: ranks must draw the same global choice
+        "--concept_templates", str(data.parent / "wordings.txt"),
     ]
 
 
@@ -78,6 +81,7 @@ def test_two_ddp_processes_match_one_process(tmp_path: Path) -> None:
         assert any(torch.count_nonzero(value) for value in reference.values())
         for layer in reference:
             # Adam divides by sqrt(v): gradients that differ by float rounding (a sum over 2 ranks vs
-            # over 1 batch) move near-zero entries by rounding-sized amounts; compare at tensor scale.
+            # over 1 batch, rows with different wordings) move near-zero entries by up to ~7e-4 of the
+            # tensor's scale at lr 1000; ranks drawing other rows or wordings would differ at its scale.
             scale = reference[layer].abs().max()
-            torch.testing.assert_close(result[layer], reference[layer], rtol=0, atol=1e-4 * float(scale))
+            torch.testing.assert_close(result[layer], reference[layer], rtol=0, atol=1e-3 * float(scale))

@@ -13,6 +13,12 @@ The joint objective (``SepCESettings.joint_objective``, METHOD.md §2):
   own momentum of L_dir(c_i), after which its coefficients are frozen;
 - ``paper`` (Eq. 34/37): L1 term ||sum_i dW_i||_1 / M (per layer, the summed increments), and one
   momentum of the weighted sum sum_i eta_i L_dir(c_i) stops every concept at once.
+Wordings (METHOD.md §6): each row of a concept's batch is conditioned on the bare concept prompt
+(the paper's data) or, half the time, on one of its other wordings (``wordings``, drawn per row),
+as the closed form fits them; the bare prompt keeps its share however many wordings there are.
+The other increments protect a concept's bare prompt, not its other wordings, so with several
+wordings a joint run's loss of concept i also sees the others' increments; bases (and so what
+every increment leaves exact) are the same either way.
 Sequential: concept i trains alone with only its own increment switched on, then is frozen
 before concept i + 1 starts. It uses the bases joint mode uses (every concept of the set
 protects every other one), so joint and sequential increments are interchangeable and differ
@@ -21,14 +27,14 @@ only in memory and time (METHOD.md §2, SRS-ME vs SRS-ME†).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from lightning_fabric import Fabric
 from torch import nn
 
-from erasure.bases import ConceptBasis
+from erasure.bases import ConceptBasis, normalise_prompt
 from erasure.increments import (
     Increment,
     attach_increment,
@@ -66,6 +72,7 @@ class SepCETrainer(ConceptTrainer):
         bases: Mapping[str, ConceptBasis],
         latents: Mapping[str, torch.Tensor],
         settings: SepCESettings,
+        wordings: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         concepts = list(bases)
         missing = [concept for concept in concepts if concept not in latents]
@@ -82,6 +89,13 @@ class SepCETrainer(ConceptTrainer):
         self.layers = cross_attention_kv(model)
         self.unet = model.model.diffusion_model
         self.names = {concept: slugify(concept) for concept in concepts}
+        given = wordings or {}
+        self.wordings = {c: [c, *(w for w in given.get(c, ()) if normalise_prompt(w) != normalise_prompt(c))]
+                         for c in concepts}
+        extra = sorted({w for words in self.wordings.values() for w in words} - set(self.context))
+        if extra:
+            with torch.no_grad():
+                self.context.update(zip(extra, model.get_learned_conditioning(extra).detach()))
         self.coefficients = {
             concept: attach_increment(model, self.bases[concept], self.beta, trainable=True) for concept in concepts
         }
@@ -114,6 +128,7 @@ class SepCETrainer(ConceptTrainer):
             "concepts": self.concepts,
             "basis_dims": {concept: basis.dims for concept, basis in self.bases.items()},
             "protected_prompts": {concept: basis.protected_prompts for concept, basis in self.bases.items()},
+            "wordings": self.wordings,
             "images": {concept: int(latents.shape[0]) for concept, latents in self.latents.items()},
             "base_model_fingerprint": self.base_fingerprint,
             **self.settings.result_settings(),
@@ -125,10 +140,20 @@ class SepCETrainer(ConceptTrainer):
         for layer in self.layers.values():
             layer.set_active(names)
 
+    def draw_wordings(self, generator: torch.Generator, concept: str) -> torch.Tensor:
+        """Indices into ``self.wordings[concept]`` for the global batch: 0 (the bare prompt) half the
+        time, else one of the other wordings, uniformly."""
+        others = len(self.wordings[concept]) - 1
+        drawn = torch.randint(max(2 * others, 1), (self.settings.batch_size,), generator=generator)
+        return torch.where(drawn < others, drawn + 1, torch.zeros_like(drawn))
+
     def step_loss(self, generator: torch.Generator, concepts: list[str]) -> StepLoss:
         # Draw for every concept in a fixed order, so a concept's draws do not depend on which
         # other concepts are still training.
         batches = {concept: self.draw_concept_batch(generator, self.latents[concept]) for concept in self.concepts}
+        chosen = {concept: self.draw_wordings(generator, concept) for concept in self.concepts}
+        wording_contexts = {c: torch.stack([self.context[self.wordings[c][i]] for i in chosen[c][self.rows].tolist()])
+                            for c in concepts}
         noisy = {c: self.model.q_sample(batches[c].latents, batches[c].timesteps, batches[c].noise) for c in concepts}
         timesteps = torch.cat([batches[c].timesteps for c in concepts])
         rows = batches[concepts[0]].latents.shape[0]
@@ -138,13 +163,13 @@ class SepCETrainer(ConceptTrainer):
                 self.model,
                 torch.cat([noisy[c] for c in concepts] * 2),
                 torch.cat([timesteps, timesteps]),
-                torch.cat([self.contexts(c, rows) for c in concepts] + [self.contexts("", rows * len(concepts))]),
+                torch.cat([wording_contexts[c] for c in concepts] + [self.contexts("", rows * len(concepts))]),
             )
         trained = predict_eps(
             self.model,
             torch.cat([noisy[c] for c in concepts]),
             timesteps,
-            torch.cat([self.contexts(c, rows) for c in concepts]),
+            torch.cat([wording_contexts[c] for c in concepts]),
         )
         frozen_concept, frozen_blank = frozen.chunk(2)
         products, energies = [], []
