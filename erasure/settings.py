@@ -140,7 +140,7 @@ class SepCESettings(TrainingSettings):
     #: METHOD.md §6: how the coefficients are found (SEPCE_SOLVERS) and the closed form's inputs:
     #: ridge ``mu`` (relative), ``target`` (replaces the name in every wording; "" removes it), the
     #: wordings (``concept_templates`` file, else the built-in ones of ``concept_kind``; the optimiser
-    #: trains over them too: half its rows the bare prompt, half a drawn wording), and the
+    #: trains over them too: every bare row plus one with a drawn wording), and the
     #: approximately protected prompts (``protect_file``, kept at ``protect_energy`` of their energy);
     #: ``keep_wordings``: the closed form also keeps the protected prompts' wordings as they are (less
     #: drift on them, weaker erasure of held-out wordings: METHOD.md §6).

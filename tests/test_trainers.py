@@ -124,9 +124,11 @@ def test_sepce_trains_over_the_concepts_wordings(wide_config: Path, fabric: Fabr
         trainer = SepCETrainer(model, fabric, bases, random_latents(model), config(batch_size=4), wordings)
         trainer.fit()
         assert trainer.run_settings()["wordings"] == (wordings or {c: [c] for c in CONCEPTS})
-        if wordings and len(wordings[CONCEPTS[0]]) > 1:  # the bare prompt keeps half the rows
-            drawn = torch.cat([trainer.draw_wordings(torch.Generator().manual_seed(k), CONCEPTS[0]) for k in range(200)])
-            assert 0.4 < (drawn == 0).float().mean() < 0.6 and set(drawn.tolist()) == {0, 1}
+        drawn = trainer.draw_wordings(torch.Generator().manual_seed(0), CONCEPTS[0])
+        if wordings and len(wordings[CONCEPTS[0]]) > 1:  # a second row per bare row, with a wording other than it
+            assert drawn.tolist() == [1] * 4
+        else:
+            assert drawn is None
         return [value.detach().clone() for value in trainer.trained_parameters().values()]
 
     bare = coefficients(None)

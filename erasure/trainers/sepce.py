@@ -4,7 +4,8 @@ CiE loss, jointly (all concepts in every step) or sequentially (one concept afte
 Cost of a step: ``""`` is protected by every increment, so eps(z_t, ""; W0 + sum dW) equals
 eps(z_t, ""; W0) exactly. One no-grad call with increments switched off gives eps(c; W0) and
 eps(""; W0) for every training concept, one call with grad gives eps(c; W0 + dW): three UNet
-evaluations per concept and one backward. Only the coefficients require grad.
+evaluations per concept and one backward (five with a wording row: its blank is the bare row's).
+Only the coefficients require grad.
 
 Joint: the loss of concept i depends on dW_i only (dW_j protects c_i), so all increments stay
 switched on; concept i is weighted by eta_i = ||P_max|| / ||P_i|| (norms over the GLOBAL batch).
@@ -13,9 +14,10 @@ The joint objective (``SepCESettings.joint_objective``, METHOD.md §2):
   own momentum of L_dir(c_i), after which its coefficients are frozen;
 - ``paper`` (Eq. 34/37): L1 term ||sum_i dW_i||_1 / M (per layer, the summed increments), and one
   momentum of the weighted sum sum_i eta_i L_dir(c_i) stops every concept at once.
-Wordings (METHOD.md §6): each row of a concept's batch is conditioned on the bare concept prompt
-(the paper's data) or, half the time, on one of its other wordings (``wordings``, drawn per row),
-as the closed form fits them; the bare prompt keeps its share however many wordings there are.
+Wordings (METHOD.md §6): every row of a concept's batch is conditioned on the bare concept
+prompt (the paper's data) and, when the concept has other wordings (``wordings``), the same noisy
+latent is conditioned once more on one of them, drawn per row: the paper's training plus the
+wordings the closed form fits, at the cost of one more row per concept.
 The other increments protect a concept's bare prompt, not its other wordings, so with several
 wordings a joint run's loss of concept i also sees the others' increments; bases (and so what
 every increment leaves exact) are the same either way.
@@ -140,42 +142,46 @@ class SepCETrainer(ConceptTrainer):
         for layer in self.layers.values():
             layer.set_active(names)
 
-    def draw_wordings(self, generator: torch.Generator, concept: str) -> torch.Tensor:
-        """Indices into ``self.wordings[concept]`` for the global batch: 0 (the bare prompt) half the
-        time, else one of the other wordings, uniformly."""
+    def draw_wordings(self, generator: torch.Generator, concept: str) -> torch.Tensor | None:
+        """Indices into ``self.wordings[concept]`` (1.. : the wordings other than the bare prompt), one
+        per row of the global batch; None when the concept has no other wording."""
         others = len(self.wordings[concept]) - 1
-        drawn = torch.randint(max(2 * others, 1), (self.settings.batch_size,), generator=generator)
-        return torch.where(drawn < others, drawn + 1, torch.zeros_like(drawn))
+        if not others:
+            return None
+        return torch.randint(others, (self.settings.batch_size,), generator=generator) + 1
 
     def step_loss(self, generator: torch.Generator, concepts: list[str]) -> StepLoss:
         # Draw for every concept in a fixed order, so a concept's draws do not depend on which
         # other concepts are still training.
         batches = {concept: self.draw_concept_batch(generator, self.latents[concept]) for concept in self.concepts}
         chosen = {concept: self.draw_wordings(generator, concept) for concept in self.concepts}
-        wording_contexts = {c: torch.stack([self.context[self.wordings[c][i]] for i in chosen[c][self.rows].tolist()])
-                            for c in concepts}
         noisy = {c: self.model.q_sample(batches[c].latents, batches[c].timesteps, batches[c].noise) for c in concepts}
-        timesteps = torch.cat([batches[c].timesteps for c in concepts])
         rows = batches[concepts[0]].latents.shape[0]
+        # every row with the bare prompt (the paper's data) and, when the concept has other
+        # wordings, the same noisy latent again with one of them (METHOD.md §6)
+        copies = {c: 1 if chosen[c] is None else 2 for c in concepts}
+        contexts = {c: self.contexts(c, rows) if chosen[c] is None else torch.cat([
+            self.contexts(c, rows),
+            torch.stack([self.context[self.wordings[c][i]] for i in chosen[c][self.rows].tolist()]),
+        ]) for c in concepts}
+        inputs = torch.cat([noisy[c].repeat(copies[c], 1, 1, 1) for c in concepts])
+        timesteps = torch.cat([batches[c].timesteps.repeat(copies[c]) for c in concepts])
         self._switch_on(concepts)
         with torch.no_grad(), increments_disabled(self.unet):
             frozen = predict_eps(
                 self.model,
-                torch.cat([noisy[c] for c in concepts] * 2),
-                torch.cat([timesteps, timesteps]),
-                torch.cat([wording_contexts[c] for c in concepts] + [self.contexts("", rows * len(concepts))]),
+                torch.cat([inputs, *(noisy[c] for c in concepts)]),
+                torch.cat([timesteps, *(batches[c].timesteps for c in concepts)]),
+                torch.cat([*(contexts[c] for c in concepts), self.contexts("", rows * len(concepts))]),
             )
-        trained = predict_eps(
-            self.model,
-            torch.cat([noisy[c] for c in concepts]),
-            timesteps,
-            torch.cat([wording_contexts[c] for c in concepts]),
-        )
-        frozen_concept, frozen_blank = frozen.chunk(2)
+        trained = predict_eps(self.model, inputs, timesteps, torch.cat([contexts[c] for c in concepts]))
+        frozen_concept, frozen_blank = frozen[: len(inputs)], frozen[len(inputs):]
         products, energies = [], []
-        for index in range(len(concepts)):
-            part = slice(index * rows, (index + 1) * rows)
-            blank = frozen_blank[part]
+        start = 0
+        for index, c in enumerate(concepts):
+            part = slice(start, start + rows * copies[c])
+            start = part.stop
+            blank = frozen_blank[index * rows: (index + 1) * rows].repeat(copies[c], 1, 1, 1)
             r_frozen = concept_representation(frozen_concept[part], blank)
             r_trained = concept_representation(trained[part], blank)
             products.append(direction_product(r_trained, r_frozen))
