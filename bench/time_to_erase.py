@@ -70,7 +70,7 @@ from erasure.training import train_sepce
 from erasure.wordings import default_templates, fill
 from erasure.worlds import world_of
 
-METHODS = ("sepce", "cie", "esd_x", "closed_form")
+METHODS = ("sepce", "cie", "esd_x", "closed_form", "closed_form_cie")
 THRESHOLD = 0.20
 SPEED_GOAL = 3.0
 #: The closed form's goal against ESD-x (total seconds, model loading excluded for both).
@@ -115,11 +115,11 @@ def erase_until(
             "stop_reason": trainer.stoppers[CONCEPT].stop_reason}
 
 
-def training_latents(model: nn.Module, count: int) -> torch.Tensor:
-    """Latents of ``count`` images of the concept by the original model, 8-bit quantised as the
-    training scripts' PNG files are (seeds 0..count-1, the model's default sampling)."""
-    images = generate(model, [CONCEPT] * count, list(range(count)))
-    return encode_images(model, (images * 255).round() / 255)
+def training_images(model: nn.Module, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` images of the concept by the original model, 8-bit quantised as the training
+    scripts' PNG files are (seeds 0..count-1, the model's default sampling), and their latents."""
+    images = (generate(model, [CONCEPT] * count, list(range(count))) * 255).round() / 255
+    return images, encode_images(model, images)
 
 
 def wording_rows(model: nn.Module) -> dict[str, list[WordingRow]]:
@@ -137,15 +137,21 @@ def wording_accuracy(model: nn.Module, oracle: ToyOracle, rows: dict[str, list[W
     return {name: measure_prompts(model, oracle, group, samples).attribute_artist for name, group in rows.items()}
 
 
-def closed_form_run(model: nn.Module, accuracy: Callable[[], float]) -> tuple[dict[str, Any], list[Increment]]:
-    """The closed-form solve (bases included), timed, then one accuracy check with it applied."""
+def closed_form_run(
+    model: nn.Module, accuracy: Callable[[], float], solver: str = "closed_form", images: torch.Tensor | None = None,
+    max_steps: int = MAX_STEPS, seed: int = 0,
+) -> tuple[dict[str, Any], list[Increment]]:
+    """The closed-form solve (bases included) or the optimiser started from it (``closed_form+cie``,
+    to its stop on the given training images), timed, then one accuracy check with it applied."""
+    settings = SepCESettings(solver=solver, progress=False, iterations=max_steps, seed=seed, save_every=0)
     started = time.perf_counter()
-    increments = train_sepce(model, [CONCEPT], settings=SepCESettings(solver="closed_form", progress=False))
+    increments = train_sepce(model, [CONCEPT], settings=settings, images=None if images is None else {CONCEPT: images})
     seconds = time.perf_counter() - started
     with apply(model, increments):
         value = accuracy()
-    return {"reached": value <= THRESHOLD, "steps": 0, "train_s": seconds,
-            "checks": [{"step": 0, "seconds": seconds, "accuracy": value}]}, increments
+    steps = increments[0].metadata.get("training", {}).get("steps", 0)  # the optimiser's, after the solve
+    return {"reached": value <= THRESHOLD, "steps": steps, "train_s": seconds,
+            "checks": [{"step": steps, "seconds": seconds, "accuracy": value}]}, increments
 
 
 def others_change(before: dict[str, float], after: dict[str, float], erased: str) -> float:
@@ -177,7 +183,7 @@ def main(args: argparse.Namespace) -> None:
         wordings = {name: rows[:2] for name, rows in wordings.items()}
     wordings_before = wording_accuracy(original, oracle, wordings, wording_samples)
     started = time.perf_counter()
-    latents = training_latents(original, args.num_images)
+    images, latents = training_images(original, args.num_images)
     data_s = time.perf_counter() - started
     del original
     # SepCE protects "" and the other classes, as train-sepce.py does on the toy model (--protect_classes)
@@ -192,6 +198,8 @@ def main(args: argparse.Namespace) -> None:
         edits: list[Increment] = []
         if method == "closed_form":  # no training images, no steps: one solve
             run, edits = closed_form_run(model, check)
+        elif method == "closed_form_cie":  # the solve, then the optimiser from it to its stop (one check at the end)
+            run, edits = closed_form_run(model, check, "closed_form+cie", images, max_steps, args.seed)
         else:
             settings = bench_settings(method, "toy", args.seed, iterations=max_steps, tau=TAU, lam=LAMBDAS[method])
             trainer = make_trainer(method, model, make_fabric(device), latents, settings, protected=other_classes)
@@ -235,7 +243,7 @@ def main(args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     result = bench_parser(__doc__)
-    result.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all four")
+    result.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all five")
     result.add_argument("--wording_samples", type=int, default=None,
                         help="samples per training / held-out wording of the artist (default: 10; --quick: 1)")
     result.add_argument("--samples", type=int, default=None,
