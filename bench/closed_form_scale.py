@@ -99,9 +99,7 @@ def memory_peak(device: torch.device) -> float:
 
 
 def solve(model: nn.Module, count: int, energy: float, device: torch.device) -> dict[str, Any]:
-    # one concept at a time (--mode sequential): the per-concept cost; a joint solve's [K, K] system
-    # grows with the square of the set (METHOD.md §6)
-    settings = SepCESettings(solver="closed_form", mode="sequential")
+    settings = SepCESettings(solver="closed_form")  # one concept at a time (the default per_concept objective)
     protected = [settings.watermark_prompt]
     for concepts in (concept_names(1), concept_names(count)):  # an untimed one-concept warm-up first
         _free_memory_and_reset_peak(device)

@@ -22,9 +22,10 @@ tokens after the replacement, in order; the name's tokens are paired with what i
 omega = 1: without the UNet's attention weights, a uniform prior over the keys a query may
 read bounds the change of the attention output by the unweighted sum (Cauchy-Schwarz).
 
-Joint sets (``joint=True``, ``--mode joint``): the members' edits all act on every member's
-wordings (each basis protects the others' exact prompts only), so they are solved together, the
-sum fitted to every member's rows (``solve_joint_maps``); protection and restoration stay exact.
+Joint sets (``joint=True``, ``--joint_objective paper``): the members' edits all act on every
+member's wordings (each basis protects the others' exact prompts only), so they can be solved
+together, the sum fitted to every member's rows (``solve_joint_maps``); protection and
+restoration stay exact, unprotected prompts move more (METHOD.md §6).
 
 Ridge mu. ``mu`` is relative: the absolute ridge is ``mu * trace(B B^T) / k``, the mean
 eigenvalue of B B^T, so one value suits every model width and number of wordings. Small mu
@@ -231,9 +232,9 @@ def closed_form_increments(
 ) -> dict[str, Increment]:
     """One closed-form increment per concept of ``bases``, each fitted over its ``templates``;
     with ``keep`` the same templates filled with every prompt its basis protects are kept as they
-    are (``with_kept_wordings``). ``joint`` (``--mode joint``) solves the set together
+    are (``with_kept_wordings``). ``joint`` (``--joint_objective paper``) solves the set together
     (``solve_joint_maps``: the sum of the edits fits every member's wordings), else each concept
-    alone (``--mode sequential``: an increment does not depend on the set).
+    alone (the default: an increment does not depend on the set it was solved with).
 
     ``record`` (the run's settings) is stored in every increment's metadata beside the solve's
     diagnostics and a ``summary`` shaped like the trainers' (steps 0, stop reason "closed_form").
@@ -251,7 +252,7 @@ def closed_form_increments(
             raise SettingsError(
                 f"The joint closed form of {len(bases)} concepts solves for {unknowns} coefficients per output row "
                 f"(the sum of their null-space dimensions), more than {MAX_JOINT_UNKNOWNS} ({unknowns ** 2 * 8 / 2**30:.1f} "
-                f"GiB in float64); solve them one at a time with --mode sequential."
+                f"GiB in float64); solve them one at a time (--joint_objective per_concept)."
             )
         maps, shared = solve_joint_maps([basis.basis for basis in bases.values()], list(rows.values()), mu)
         solves = {concept: (g, {"ridge": ridge, "joint": shared})
@@ -307,5 +308,5 @@ def solve_sepce(model: nn.Module, bases: Mapping[str, ConceptBasis], settings: S
               "protected_prompts": {concept: basis.protected_prompts for concept, basis in bases.items()}}
     return closed_form_increments(
         model, bases, dict.fromkeys(bases, templates), settings.target, settings.mu, settings.beta, record,
-        settings.keep_wordings, settings.mode == "joint",
+        settings.keep_wordings, settings.mode == "joint" and settings.joint_objective == "paper",
     )

@@ -240,7 +240,7 @@ def test_run_names_show_the_solver_and_only_the_settings_it_uses(tmp_path: Path)
 
 
 def test_joint_solve_fits_the_sum_on_every_members_wordings(wide_model: nn.Module, monkeypatch) -> None:
-    """--mode joint: the set's edits are solved together, so their SUM maps every member's wordings
+    """--joint_objective paper: the set's edits are solved together, so their SUM maps every member's wordings
     onto its targets better than independently solved edits do; each increment still leaves the
     other members' exact prompts unchanged (restoring one is exact), and a set too large for one
     system is refused with the sizes (METHOD.md §6)."""
@@ -269,5 +269,5 @@ def test_joint_solve_fits_the_sum_on_every_members_wordings(wide_model: nn.Modul
     changes = relative_kv_changes(wide_model, together["q"], ["", *PROTECTED, "r"])
     assert max(changes.values()) <= 1e-5  # q's increment leaves r (and every protected prompt) exact
     monkeypatch.setattr("erasure.closed_form.MAX_JOINT_UNKNOWNS", bases["q"].dims)
-    with pytest.raises(SettingsError, match=rf"{bases['q'].dims + bases['r'].dims} coefficients.*--mode sequential"):
+    with pytest.raises(SettingsError, match=rf"{bases['q'].dims + bases['r'].dims} coefficients.*--joint_objective per_concept"):
         closed_form_increments(wide_model, bases, templates, joint=True)
