@@ -35,7 +35,7 @@ from erasure.errors import ExportError
 from erasure.files import atomic_directory, file_sha256, versions, write_json
 from erasure.increments import INCREMENT_KIND, Increment
 from erasure.loading import model_fingerprint, text_encoder_tokenizer
-from erasure.weight_differences import WEIGHT_DIFFERENCE_KIND, WeightDifference
+from erasure.weight_differences import WEIGHT_DIFFERENCE_KIND
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.incremental_linear import incremental_linears

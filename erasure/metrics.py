@@ -38,7 +38,7 @@ import torchvision
 from torch import nn
 
 from erasure.classifier import ImageClassifier, ImageDataError, predict
-from erasure.images import common_size, list_images, read_images, resize_square, unit_float
+from erasure.images import common_size, list_images, resize_square, unit_float
 from erasure.errors import MetricsError
 from erasure.tables import LEFT, RIGHT, markdown_table
 from erasure.worlds import World

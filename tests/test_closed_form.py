@@ -25,7 +25,7 @@ from erasure.closed_form import (
 )
 from erasure.errors import CapacityError, SettingsError
 from erasure.increments import Increment, compose, cross_attention_kv, detach
-from erasure.protection import attach_protection_reports, relative_kv_changes
+from erasure.protection import relative_kv_changes
 from erasure.settings import SepCESettings
 from erasure.training import train_sepce
 from erasure.wordings import fill

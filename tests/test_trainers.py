@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,7 +33,6 @@ from erasure.trainers.cie import CiETrainer
 from erasure.trainers.data import concept_latents, folder_images
 from erasure.trainers.esd import ESDTrainer
 from erasure.trainers.loop import NonFiniteLossError, predict_eps
-from erasure.trainers import report
 from erasure.trainers.report import before_after_report, report_paths
 from erasure.trainers.runtime import (
     FabricOptions,
