@@ -19,9 +19,10 @@ Protocols (which SepCE increments exist and what each protects, METHOD.md §2 an
 
 Composing follows the timeline on ONE model, in place:
 - SepCE (``IncrementEdits``): erase = attach the concept's increment, restore = drop it.
-- Baselines (``WeightDifferenceEdits``, CiE / ESD): erase = add the concept's weight difference,
-  restore = subtract it (as the paper merges baselines). The remaining differences still touch
-  the restored concept, which is what the scenes show.
+- Baselines (``WeightDifferenceEdits``, CiE / ESD): the weights are the original plus the
+  differences of the concepts erased now (as the paper merges baselines; recomputed from kept
+  originals, so restoring leaves no rounding residue). The remaining differences still touch the
+  restored concept, which is what the scenes show.
 """
 
 from __future__ import annotations
