@@ -62,7 +62,7 @@ from erasure.generation import generate
 from erasure.toy.oracle import ToyOracle, load_oracle
 from erasure.increments import Increment
 from erasure.toy.quality import SEED_STRIDE, WordingRow, measure_prompts, measure_quality, read_wording_rows
-from erasure.toy.world import CLASS_NAMES, class_index, class_prompt
+from erasure.toy.world import ARTISTS, CLASS_NAMES, COLOURS, OBJECTS, class_index, class_prompt
 from erasure.settings import CiESettings, SepCESettings
 from erasure.trainers.data import encode_images
 from erasure.trainers.loop import ConceptTrainer
@@ -78,6 +78,8 @@ CLOSED_FORM_GOAL = 100.0
 LAMBDAS = {"sepce": SepCESettings().lam, "cie": CiESettings().lam, "esd_x": 0.0}
 #: Seeds of the training-wording samples (the held-out file's rows bring their own): used by nothing else.
 WORDING_SEED = 9_000_000
+#: First seed of the other artists' compositions (collateral), far from every other seed here.
+COMPOSITION_SEED = 9_500_000
 TAU = 1e-4
 MAX_STEPS = 1000
 
@@ -123,18 +125,30 @@ def training_images(model: nn.Module, count: int) -> tuple[torch.Tensor, torch.T
 
 
 def wording_rows(model: nn.Module) -> dict[str, list[WordingRow]]:
-    """The artist's training wordings (the closed form's built-in ones) and its held-out wordings."""
+    """The artist's training wordings (the closed form's built-in ones), its held-out wordings, and
+    one "a {colour} {object} by {artist}" composition of every other artist (collateral)."""
     trained = [fill(template, CONCEPT) for template in default_templates("toy", "artist")]
     class_id = class_index(CONCEPT)
+    others = [artist for artist in ARTISTS if artist != CONCEPT]
     return {
         "training": [WordingRow(p, WORDING_SEED + 1000 * i, class_id, None, None) for i, p in enumerate(trained)],
         "held_out": read_wording_rows(world_of(model).held_out_wordings_path(), concept=CONCEPT),
+        "other_compositions": [
+            WordingRow(f"a {COLOURS[i % 4]} {OBJECTS[(i + 1) % 4]} by {artist}", COMPOSITION_SEED + 1000 * i,
+                       class_index(artist), (i + 1) % 4, i % 4)
+            for i, artist in enumerate(others)
+        ],
     }
 
 
-def wording_accuracy(model: nn.Module, oracle: ToyOracle, rows: dict[str, list[WordingRow]], samples: int) -> dict:
-    """Share of samples drawn as the artist, over its training and its held-out wordings."""
-    return {name: measure_prompts(model, oracle, group, samples).attribute_artist for name, group in rows.items()}
+def wording_accuracy(
+    model: nn.Module, oracle: ToyOracle, rows: dict[str, list[WordingRow]], samples: int,
+    images: dict[str, torch.Tensor] | None = None,
+) -> dict:
+    """Share of samples drawn as the expected class per group (the artist for its wordings, each
+    other artist for its composition); ``images`` receives every prompt's samples."""
+    return {name: measure_prompts(model, oracle, group, samples, images=images).attribute_artist
+            for name, group in rows.items()}
 
 
 def closed_form_run(
@@ -181,7 +195,8 @@ def main(args: argparse.Namespace) -> None:
     wording_samples = sized(args.wording_samples, args.quick, 1, 10)
     if args.quick:
         wordings = {name: rows[:2] for name, rows in wordings.items()}
-    wordings_before = wording_accuracy(original, oracle, wordings, wording_samples)
+    wording_images_before: dict[str, torch.Tensor] = {}
+    wordings_before = wording_accuracy(original, oracle, wordings, wording_samples, wording_images_before)
     started = time.perf_counter()
     images, latents = training_images(original, args.num_images)
     data_s = time.perf_counter() - started
@@ -207,12 +222,17 @@ def main(args: argparse.Namespace) -> None:
         after_images: dict[str, torch.Tensor] = {}
         with apply(model, edits) if edits else nullcontext():
             after = measure_quality(model, oracle, samples, args.seed, images=after_images).artist
-            wordings_after = wording_accuracy(model, oracle, wordings, wording_samples)
+            wording_images_after: dict[str, torch.Tensor] = {}
+            wordings_after = wording_accuracy(model, oracle, wordings, wording_samples, wording_images_after)
         method_data_s = 0.0 if method in ("esd_x", "closed_form") else data_s
         run.update(data_s=method_data_s, total_s=run["train_s"] + method_data_s, erased_accuracy=after[CONCEPT],
                    others_mean_change=others_change(before, after, CONCEPT),
                    others_pixel_change=others_pixel_change(before_images, after_images, CONCEPT),
-                   training_wordings=wordings_after["training"], held_out_wordings=wordings_after["held_out"])
+                   training_wordings=wordings_after["training"], held_out_wordings=wordings_after["held_out"],
+                   compositions_class=wordings_after["other_compositions"],
+                   compositions_pixel_change=statistics.mean(
+                       pixel_change(wording_images_before[r.prompt], wording_images_after[r.prompt])[0]
+                       for r in wordings["other_compositions"]))
         runs[method] = run
         rows.append({"method": method, **{key: value for key, value in run.items() if key != "checks"}})
     goal: dict[str, Any] = {"speed_goal": SPEED_GOAL}
@@ -235,7 +255,8 @@ def main(args: argparse.Namespace) -> None:
         f"{args.check_every} steps; quality with {samples} samples per class)",
         rows,
         ["method", "reached", "steps", "train_s", "data_s", "total_s", "erased_accuracy", "training_wordings",
-         "held_out_wordings", "others_mean_change", "others_pixel_change"],
+         "held_out_wordings", "others_mean_change", "others_pixel_change", "compositions_class",
+         "compositions_pixel_change"],
     )
     print_json("time_to_erase", args, device,
                {"before": before, "wordings_before": wordings_before, "runs": runs, "goal": goal})
