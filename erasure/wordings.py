@@ -92,7 +92,6 @@ def check_templates(templates: Sequence[str], source: str = "concept templates")
     templates = [" ".join(str(template).split()) for template in templates]
     if not templates:
         raise SettingsError(f"{source} is empty; give at least one wording such as '{PLACEHOLDER}'.")
-    seen: dict[str, int] = {}
     for number, template in enumerate(templates, 1):
         if not template:
             raise SettingsError(f"{source}, wording {number} is empty; remove the empty line.")
@@ -101,14 +100,26 @@ def check_templates(templates: Sequence[str], source: str = "concept templates")
                 f"{source}, wording {number} ({template!r}) must contain {PLACEHOLDER} exactly once, where the "
                 f"concept's name goes."
             )
-        key = normalise(template)
-        if key in seen:
-            raise SettingsError(
-                f"{source}, wording {number} ({template!r}) repeats wording {seen[key]}; list each wording once "
-                f"({len(templates)} given, {len(set(map(normalise, templates)))} distinct)."
-            )
-        seen[key] = number
+    repeat = first_repeat(templates)
+    if repeat:
+        number, earlier = repeat
+        raise SettingsError(
+            f"{source}, wording {number} ({templates[number - 1]!r}) repeats wording {earlier}; list each wording "
+            f"once ({len(templates)} given, {len(set(map(normalise, templates)))} distinct)."
+        )
     return templates
+
+
+def first_repeat(texts: Sequence[str]) -> tuple[int, int] | None:
+    """(number, earlier number), counted from 1, of the first text that repeats an earlier one once
+    normalised (``normalise``); None when all are distinct."""
+    seen: dict[str, int] = {}
+    for number, text in enumerate(texts, 1):
+        key = normalise(text)
+        if key in seen:
+            return number, seen[key]
+        seen[key] = number
+    return None
 
 
 def _read_lines(path: str | Path, what: str) -> list[str]:
@@ -132,23 +143,20 @@ def read_protect_file(path: str | Path) -> list[str]:
     lines = _read_lines(path, "Protect file")
     if not lines:
         raise SettingsError(f"Protect file {path} is empty; write one prompt a line.")
-    seen: dict[str, int] = {}
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        prompt = " ".join(line.split())
+    prompts = [" ".join(line.split()) for line in lines]
+    for number, prompt in enumerate(prompts, 1):
         if not prompt:
             raise SettingsError(
                 f"Protect file {path}, line {number} is empty; \"\" is always protected, remove the line "
                 f"({len(lines)} lines)."
             )
-        key = normalise(prompt)
-        if key in seen:
-            raise SettingsError(
-                f"Protect file {path}, line {number} ({prompt!r}) repeats line {seen[key]}; list each prompt once "
-                f"({len(lines)} lines, {len(set(map(normalise, lines)))} distinct)."
-            )
-        seen[key] = number
-        prompts.append(prompt)
+    repeat = first_repeat(prompts)
+    if repeat:
+        number, earlier = repeat
+        raise SettingsError(
+            f"Protect file {path}, line {number} ({prompts[number - 1]!r}) repeats line {earlier}; list each prompt "
+            f"once ({len(lines)} lines, {len(set(map(normalise, lines)))} distinct)."
+        )
     return prompts
 
 
