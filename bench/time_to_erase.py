@@ -24,7 +24,17 @@ held-out wordings (data/toy-heldout-wordings.csv), ``--wording_samples`` each. G
 form: >= 100x faster than ESD-x in total seconds (model loading excluded for both) with its
 held-out wordings erased at least as well.
 
+The ``object`` and ``joint`` cases erase the object "triangle" and the sets of the first 2, 3 and 9
+artists with every method at the library's defaults (``train_sepce`` with its solver and the
+concept kind's built-in wordings, ``train_cie`` and ``train_esd`` per concept, their weight
+differences merged as the paper merges baselines; ESD-x ``--esd_iterations`` steps per concept,
+since it has no stop rule). Each is judged as bench/wordings.py judges the closed form (same
+prompts, seeds and groups): the object's training and held-out wordings, the other objects, the
+artists; every member of a set with the whole set erased, then with its own edit dropped
+(restored). Seconds: training to the method's own stop, and the training images of every member.
+
     python bench/time_to_erase.py                   # needs models/toy/model.safetensors
+    python bench/time_to_erase.py --cases artist    # only the time-to-erase table of one artist
     python bench/time_to_erase.py --quick           # fewer samples, images and steps (still the toy model)
 """
 
@@ -56,21 +66,25 @@ from common import (
     setup,
     sized,
 )
-from erasure.edits import apply
+from erasure.edits import Edit, apply
 from erasure.evaluation import pixel_change
 from erasure.generation import generate
 from erasure.toy.oracle import ToyOracle, load_oracle
 from erasure.increments import Increment
 from erasure.toy.quality import SEED_STRIDE, WordingRow, measure_prompts, measure_quality, read_wording_rows
 from erasure.toy.world import ARTISTS, CLASS_NAMES, COLOURS, OBJECTS, class_index, class_prompt
-from erasure.settings import CiESettings, SepCESettings
+from erasure.settings import CiESettings, ESDSettings, SepCESettings
 from erasure.trainers.data import encode_images
 from erasure.trainers.loop import ConceptTrainer
-from erasure.training import train_sepce
+from erasure.training import train_cie, train_esd, train_sepce
 from erasure.wordings import default_templates, fill
 from erasure.worlds import world_of
+from wordings import JOINT_SIZES, NAME_REMOVED, OBJECT, Judge, measure_set, object_groups
 
 METHODS = ("sepce", "cie", "esd_x", "closed_form", "closed_form_cie")
+CASES = ("artist", "object", "joint")
+#: The SepCE solver behind each SepCE method name of the object and joint cases.
+SEPCE_SOLVERS = {"sepce": "cie", "closed_form": "closed_form", "closed_form_cie": "closed_form+cie"}
 THRESHOLD = 0.20
 SPEED_GOAL = 3.0
 #: The closed form's goal against ESD-x (total seconds, model loading excluded for both).
@@ -117,10 +131,10 @@ def erase_until(
             "stop_reason": trainer.stoppers[CONCEPT].stop_reason}
 
 
-def training_images(model: nn.Module, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` images of the concept by the original model, 8-bit quantised as the training
+def training_images(model: nn.Module, count: int, concept: str = CONCEPT) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` images of ``concept`` by the original model, 8-bit quantised as the training
     scripts' PNG files are (seeds 0..count-1, the model's default sampling), and their latents."""
-    images = (generate(model, [CONCEPT] * count, list(range(count))) * 255).round() / 255
+    images = (generate(model, [concept] * count, list(range(count))) * 255).round() / 255
     return images, encode_images(model, images)
 
 
@@ -180,12 +194,27 @@ def others_pixel_change(before: dict[str, torch.Tensor], after: dict[str, torch.
 def main(args: argparse.Namespace) -> None:
     device = setup(args)
     require_models(["toy"])
+    args.max_steps = sized(args.max_steps, args.quick, 20, MAX_STEPS)
+    args.num_images = sized(args.num_images, args.quick, 8, 100)
+    args.sizes = sized(args.sizes, args.quick, list(JOINT_SIZES[:1]), list(JOINT_SIZES))
+    args.esd_iterations = sized(args.esd_iterations, args.quick, 5, 50)
+    if min(args.max_steps, args.num_images, args.esd_iterations, *args.sizes) < 1 or max(args.sizes) > len(ARTISTS):
+        raise ValueError(f"--max_steps, --num_images and --esd_iterations must be >= 1 and --sizes in 1..{len(ARTISTS)}.")
+    results: dict[str, Any] = {}
+    if "artist" in args.cases:
+        results["artist"] = artist_case(args, device)
+    if {"object", "joint"} & set(args.cases):
+        results["sets"] = sets_case(args, device)
+    print_json("time_to_erase", args, device, results)
+
+
+def artist_case(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The first artist, each method stepped until the artist's prompt is erased (the table above)."""
     samples = sized(args.samples, args.quick, 10, 100)
     check_samples = sized(args.check_samples, args.quick, 5, 20)
-    max_steps = sized(args.max_steps, args.quick, 20, MAX_STEPS)
-    args.num_images = sized(args.num_images, args.quick, 8, 100)
-    if min(samples, check_samples, max_steps, args.check_every, args.num_images) < 1:
-        raise ValueError("--samples, --check_samples, --max_steps, --check_every and --num_images must be >= 1.")
+    max_steps = args.max_steps
+    if min(samples, check_samples, args.check_every) < 1:
+        raise ValueError("--samples, --check_samples and --check_every must be >= 1.")
     oracle = load_oracle(device=device)
     class_id = class_index(CONCEPT)
     original = build_model("toy", device)
@@ -258,13 +287,125 @@ def main(args: argparse.Namespace) -> None:
          "held_out_wordings", "others_mean_change", "others_pixel_change", "compositions_class",
          "compositions_pixel_change"],
     )
-    print_json("time_to_erase", args, device,
-               {"before": before, "wordings_before": wordings_before, "runs": runs, "goal": goal})
+    return {"before": before, "wordings_before": wordings_before, "runs": runs, "goal": goal}
+
+
+def erase_set(
+    method: str, model: nn.Module, concepts: list[str], kind: str, images: dict[str, torch.Tensor],
+    args: argparse.Namespace,
+) -> tuple[list[Edit], float]:
+    """``concepts`` erased by ``method`` through the library, with its defaults: the SepCE solvers in one
+    call (one increment per concept, solved or trained together), CiE and ESD-x one weight difference
+    per concept, merged as the paper merges baselines. Returns the edits and the seconds it took."""
+    common = {"progress": False, "save_every": 0, "seed": args.seed}
+    started = time.perf_counter()
+    if method in SEPCE_SOLVERS:
+        settings = SepCESettings(solver=SEPCE_SOLVERS[method], concept_kind=kind, iterations=args.max_steps, **common)
+        edits: list[Edit] = list(train_sepce(model, concepts, settings=settings,
+                                             images=None if method == "closed_form" else images))
+    elif method == "cie":
+        settings = CiESettings(iterations=args.max_steps, **common)
+        edits = [train_cie(model, concept, settings=settings, images=images) for concept in concepts]
+    else:
+        settings = ESDSettings(train_method="xattn", iterations=args.esd_iterations, **common)
+        edits = [train_esd(model, concept, settings=settings) for concept in concepts]
+    return edits, time.perf_counter() - started
+
+
+def summarise_sets(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """One line per case and method of ``sets_case``'s rows: seconds, then for the object its share on
+    each group, for a set how many members are erased (<= THRESHOLD on bare + held-out wordings), the
+    worst member and the restores (lowest share drawn as the member, largest pixel change)."""
+    lines: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        line = lines.setdefault((r["case"], r["method"]), {
+            "case": r["case"], "method": r["method"], "total_s": f"{r['train_s'] + r['data_s']:.3g}",
+            "train_s": f"{r['train_s']:.3g}", "data_s": f"{r['data_s']:.3g}"})
+        if r["case"] == "object":
+            task = "class" if r["object_after"] is None else "object"  # groups without an object: the artist
+            before, after = r[f"{task}_before"], r[f"{task}_after"]
+            line[r["what"]] = f"{after:.2f}" if r["what"] == NAME_REMOVED else f"{before:.2f} -> {after:.2f}"
+            if r["what"] == "artists' bare names":
+                line["artists' pixel change"] = f"{r['pixel_mean']:.2g}"
+        elif r["what"].endswith("all erased"):
+            line.setdefault("erased", []).append(r["class_after"])
+        else:
+            line.setdefault("restored", []).append((r["class_after"], r["pixel_max"]))
+    summaries: dict[str, list[dict[str, Any]]] = {}
+    for (case, _), line in lines.items():
+        if case != "object":
+            erased, restored = line.pop("erased"), line.pop("restored")
+            line.update({"members erased": f"{sum(v <= THRESHOLD for v in erased)} / {len(erased)}",
+                         "worst member": f"{max(erased):.2f}",
+                         "restored: lowest share": f"{min(share for share, _ in restored):.2f}",
+                         "restored: largest pixel change": f"{max(change for _, change in restored):.2g}"})
+        title = (f"Object {OBJECT!r}: share showing it (artists: drawn as the artist), before -> after" if case == "object"
+                 else "Joint sets: members erased, worst member, restores (one member's edit dropped)")
+        summaries.setdefault(title, []).append(line)
+    return summaries
+
+
+def steps_of(edit: Edit) -> int:
+    """The optimiser steps behind an edit (0 for the closed form)."""
+    if isinstance(edit, Increment):
+        return edit.metadata.get("training", {}).get("steps", 0)
+    return edit.metadata["summary"]["concepts"][edit.concept]["steps"]
+
+
+def sets_case(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """The object and the joint sets, every method, judged as bench/wordings.py judges the closed form."""
+    model = build_model("toy", device)
+    judge = Judge(model, load_oracle(device=device), sized(args.wording_samples, args.quick, 1, 10))
+    jobs = []  # (case, kind, members)
+    if "object" in args.cases:
+        jobs.append(("object", "object", [OBJECT]))
+    if "joint" in args.cases:
+        jobs += [(f"joint {size}", "artist", list(ARTISTS[:size])) for size in args.sizes]
+    images: dict[str, torch.Tensor] = {}
+    data_s: dict[str, float] = {}
+    for concept in sorted({member for _, _, members in jobs for member in members}):
+        started = time.perf_counter()
+        images[concept] = training_images(model, args.num_images, concept)[0]
+        data_s[concept] = time.perf_counter() - started
+    rows: list[dict[str, Any]] = []
+    for case, kind, members in jobs:
+        for method in args.methods:
+            progress(f"{case}: {method} erasing {', '.join(members)}")
+            edits, seconds = erase_set(method, model, members, kind, images, args)
+            needs_images = method not in ("esd_x", "closed_form")
+            timing = {"case": case, "method": method, "train_s": seconds,
+                      "data_s": sum(data_s[m] for m in members) if needs_images else 0.0,
+                      "steps": [steps_of(edit) for edit in edits]}
+            if kind == "object":
+                measured = [{"what": what, **judge.measure(group, [] if what == NAME_REMOVED else edits)}
+                            for what, group in object_groups(judge, args.quick).items()]
+            else:
+                measured = measure_set(judge, members, edits, args.quick)
+            rows += [{**timing, **result} for result in measured]
+    for title, summary in summarise_sets(rows).items():
+        print_table(title, summary, list(summary[0]))
+    print_table(
+        f"Object {OBJECT!r} and joint sets of the first artists, every method with the library's defaults "
+        f"(ESD-x {args.esd_iterations} steps per concept; CiE and ESD-x merged): share drawn as the expected "
+        f"class / showing the expected object, before -> after ({judge.samples} samples per prompt, same seeds)",
+        [{**r, **{key: f"{r[key]:.3g}" for key in r if isinstance(r[key], float)}} for r in rows],
+        ["case", "method", "what", "prompts", "class_before", "class_after", "object_before", "object_after",
+         "pixel_mean", "train_s", "data_s", "steps"],
+    )
+    return rows
 
 
 def parser() -> argparse.ArgumentParser:
     result = bench_parser(__doc__)
     result.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all five")
+    result.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
+                        help="artist: time to erase one artist; object: the object 'triangle'; joint: sets of the "
+                        "first --sizes artists (default: all)")
+    result.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help=f"joint set sizes (default: {' '.join(map(str, JOINT_SIZES))}; --quick: {JOINT_SIZES[0]})")
+    result.add_argument("--esd_iterations", type=int, default=None,
+                        help="ESD-x steps per concept in the object and joint cases (ESD has no stop rule; "
+                        "default 50, what the artist case measures it needs; --quick: 5)")
     result.add_argument("--wording_samples", type=int, default=None,
                         help="samples per training / held-out wording of the artist (default: 10; --quick: 1)")
     result.add_argument("--samples", type=int, default=None,

@@ -174,16 +174,17 @@ NEIGHBOUR, OBJECT_ENERGY = "circle", 0.99
 OTHER_OBJECTS = Path(__file__).resolve().parents[1] / "data" / "toy-protect-other-objects.txt"
 
 
-def object_case(judge: Judge, settings: SepCESettings, quick: bool) -> list[dict[str, Any]]:
-    """The object with the default target ("" removes the name) and with the recipe: target
-    NEIGHBOUR, every other object's prompt protected at OBJECT_ENERGY."""
+def object_groups(judge: Judge, quick: bool) -> dict[str, list[WordingRow]]:
+    """What an erasure of OBJECT is judged on: its training and held-out wordings, the held-out ones
+    with the name removed (to be sampled from the original model: the closed form's default targets),
+    the other objects, other objects by artists and the artists' bare names."""
     others = [o for o in OBJECTS if o != OBJECT]
-    groups = {
+    return {
         "training wordings": judge.rows([(fill(t, OBJECT), artist_of(fill(t, OBJECT)))
                                          for t in default_templates("toy", "object")][: 3 if quick else None]),
         "held-out wordings": judge.held_out(OBJECT, 3 if quick else None),
         # the closed form's targets, same seeds: how often the original model draws the object unasked
-        "held-out wordings, name removed (original model)": [
+        NAME_REMOVED: [
             WordingRow(" ".join(r.prompt.replace(OBJECT, "").split()), r.seed, r.class_id, OBJECTS.index(OBJECT), None)
             for r in judge.held_out(OBJECT, 3 if quick else None)],
         "other objects": judge.rows([(f"a {c} {o}", "") for o in others for c in COLOURS[:2]][: 2 if quick else None]),
@@ -191,6 +192,16 @@ def object_case(judge: Judge, settings: SepCESettings, quick: bool) -> list[dict
                                                 for i, o in enumerate(others)][: 1 if quick else None]),
         "artists' bare names": judge.rows([(a, a) for a in ARTISTS[: 2 if quick else 9]]),
     }
+
+
+#: The group of ``object_groups`` sampled from the original model whatever the erasure.
+NAME_REMOVED = "held-out wordings, name removed (original model)"
+
+
+def object_case(judge: Judge, settings: SepCESettings, quick: bool) -> list[dict[str, Any]]:
+    """The object with the default target ("" removes the name) and with the recipe: target
+    NEIGHBOUR, every other object's prompt protected at OBJECT_ENERGY."""
+    groups = object_groups(judge, quick)
     variants = {
         "object": replace(settings, concept_kind="object"),
         f"object -> {NEIGHBOUR}, others protected {OBJECT_ENERGY:g}": replace(
@@ -201,7 +212,7 @@ def object_case(judge: Judge, settings: SepCESettings, quick: bool) -> list[dict
     for case, variant in variants.items():
         [increment], seconds = erase(judge.model, [OBJECT], variant)
         for what, rows in groups.items():
-            edits = [] if what.endswith("(original model)") else [increment]
+            edits = [] if what == NAME_REMOVED else [increment]
             results.append({"case": case, "what": what, "solve_s": seconds, **judge.measure(rows, edits),
                             "protection": increment.metadata["summary"]["protection"][OBJECT]["exact"]["worst"],
                             "dims": increment.basis.dims})
@@ -226,15 +237,21 @@ def joint_sets(judge: Judge, settings: SepCESettings, quick: bool) -> list[dict[
     for size in JOINT_SIZES[:1] if quick else JOINT_SIZES:
         members = list(ARTISTS[:size])
         increments, seconds = erase(judge.model, members, settings)
-        for member in members:
-            rows = judge.rows([(member, member)]) + judge.held_out(member, 1 if quick else 2)
-            results.append({"case": f"joint {size} ({settings.joint_objective})", "what": f"{member}: bare + held-out, all erased",
-                            "solve_s": seconds, **judge.measure(rows, increments)})
-        for member, increment in zip(members, increments):
-            kept = [other for other in increments if other is not increment]
-            rows = judge.rows([(member, member)])
-            results.append({"case": f"joint {size} ({settings.joint_objective})", "what": f"{member}: bare, restored alone",
-                            "solve_s": seconds, **judge.measure(rows, kept)})
+        results += [{"case": f"joint {size} ({settings.joint_objective})", "solve_s": seconds, **result}
+                    for result in measure_set(judge, members, increments, quick)]
+    return results
+
+
+def measure_set(judge: Judge, members: Sequence[str], edits: Sequence[Any], quick: bool) -> list[dict[str, Any]]:
+    """A set erased at once (``edits[i]`` erases ``members[i]``): every member's bare prompt and
+    held-out wordings with every edit applied, then its bare prompt with its own edit dropped."""
+    results = []
+    for member in members:
+        rows = judge.rows([(member, member)]) + judge.held_out(member, 1 if quick else 2)
+        results.append({"what": f"{member}: bare + held-out, all erased", **judge.measure(rows, edits)})
+    for member, edit in zip(members, edits):
+        kept = [other for other in edits if other is not edit]
+        results.append({"what": f"{member}: bare, restored alone", **judge.measure(judge.rows([(member, member)]), kept)})
     return results
 
 

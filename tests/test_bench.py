@@ -293,7 +293,8 @@ def test_time_to_erase_refuses_a_missing_toy_model(
 def test_time_to_erase_quick_on_the_toy_model(capsys: pytest.CaptureFixture[str]) -> None:
     if not (REPO_ROOT / "models" / "toy" / "model.safetensors").is_file():
         pytest.skip("the toy model is not trained yet")
-    record = run_bench("time_to_erase", ["--quick", "--methods", "sepce", "--samples", "2", "--max_steps", "4"], capsys)
+    record = run_bench("time_to_erase", ["--quick", "--cases", "artist", "--methods", "sepce", "--samples", "2",
+                                         "--max_steps", "4"], capsys)["artist"]
     run = record["runs"]["sepce"]
     assert run["steps"] <= 4 and run["data_s"] > 0
     # SepCE protects "" and the other artists: their samples move by float rounding only (measured 7e-8)
@@ -330,11 +331,46 @@ def test_build_model_loads_the_shipped_toy_model(common: ModuleType) -> None:
 def test_time_to_erase_closed_form_needs_no_images_or_steps(capsys: pytest.CaptureFixture[str]) -> None:
     if not (REPO_ROOT / "models" / "toy" / "model.safetensors").is_file():
         pytest.skip("the toy model is not trained yet")
-    record = run_bench("time_to_erase", ["--quick", "--methods", "closed_form", "--samples", "2"], capsys)
+    record = run_bench("time_to_erase", ["--quick", "--cases", "artist", "--methods", "closed_form", "--samples", "2"],
+                       capsys)["artist"]
     run = record["runs"]["closed_form"]
     assert run["steps"] == 0 and run["data_s"] == 0 and run["total_s"] == run["train_s"] < 60
     assert run["others_pixel_change"] < 1e-5  # "" and the other artists are exactly protected
-    assert set(record["wordings_before"]) == {"training", "held_out"}
+    assert set(record["wordings_before"]) == {"training", "held_out", "other_compositions"}
+
+
+@pytest.mark.slow
+def test_time_to_erase_sets_restore_exactly_only_with_increments(capsys: pytest.CaptureFixture[str]) -> None:
+    if not (REPO_ROOT / "models" / "toy" / "model.safetensors").is_file():
+        pytest.skip("the toy model is not trained yet")
+    record = run_bench("time_to_erase", ["--quick", "--cases", "object", "joint", "--methods", "cie", "closed_form",
+                                         "--max_steps", "5"], capsys)
+    rows = {(row["case"], row["method"], row["what"]): row for row in record["sets"]}
+    restored = {key: row for key, row in rows.items() if key[2].endswith("restored alone")}
+    assert {key[1] for key in restored} == {"cie", "closed_form"} and len(restored) == 4  # a set of 2, two methods
+    # dropping an increment is exact; dropping one merged CiE difference leaves the other's change
+    assert all(row["pixel_max"] < 1e-5 for key, row in restored.items() if key[1] == "closed_form")
+    assert all(row["pixel_max"] > 1e-3 for key, row in restored.items() if key[1] == "cie")
+    name_removed = [row for key, row in rows.items() if key[0] == "object" and key[2].endswith("(original model)")]
+    assert len(name_removed) == 2 and all(row["pixel_max"] == 0 for row in name_removed)
+    solve = rows["object", "closed_form", "training wordings"]
+    assert solve["steps"] == [0] and solve["data_s"] == 0
+    assert rows["object", "cie", "training wordings"]["data_s"] > 0
+
+
+def test_summarise_sets_counts_erased_members_and_worst_restore() -> None:
+    bench = load_bench("time_to_erase")
+
+    def row(what: str, after: float, pixel: float) -> dict:
+        return {"case": "joint 2", "method": "cie", "train_s": 1.0, "data_s": 2.0, "what": what, "class_before": 1.0,
+                "class_after": after, "object_before": None, "object_after": None, "pixel_mean": pixel,
+                "pixel_max": pixel}
+
+    rows = [row("a: bare + held-out, all erased", 0.1, 0.3), row("b: bare + held-out, all erased", 0.7, 0.2),
+            row("a: bare, restored alone", 1.0, 1e-7), row("b: bare, restored alone", 0.4, 0.5)]
+    [[line]] = bench.summarise_sets(rows).values()
+    assert line["total_s"] == "3" and line["members erased"] == "1 / 2" and line["worst member"] == "0.70"
+    assert line["restored: lowest share"] == "0.40" and line["restored: largest pixel change"] == "0.5"
 
 
 def test_closed_form_scale_quick(capsys: pytest.CaptureFixture[str]) -> None:
