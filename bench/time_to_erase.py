@@ -209,10 +209,9 @@ def main(args: argparse.Namespace) -> None:
 
 
 def artist_case(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """The first artist, each method stepped until the artist's prompt is erased (the table above)."""
+    """The first artist, each method stepped until its prompt is erased, then judged (module docstring)."""
     samples = sized(args.samples, args.quick, 10, 100)
     check_samples = sized(args.check_samples, args.quick, 5, 20)
-    max_steps = args.max_steps
     if min(samples, check_samples, args.check_every) < 1:
         raise ValueError("--samples, --check_samples and --check_every must be >= 1.")
     oracle = load_oracle(device=device)
@@ -243,9 +242,9 @@ def artist_case(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         if method == "closed_form":  # no training images, no steps: one solve
             run, edits = closed_form_run(model, check)
         elif method == "closed_form_cie":  # the solve, then the optimiser from it to its stop (one check at the end)
-            run, edits = closed_form_run(model, check, "closed_form+cie", images, max_steps, args.seed)
+            run, edits = closed_form_run(model, check, "closed_form+cie", images, args.max_steps, args.seed)
         else:
-            settings = bench_settings(method, "toy", args.seed, iterations=max_steps, tau=TAU, lam=LAMBDAS[method])
+            settings = bench_settings(method, "toy", args.seed, iterations=args.max_steps, tau=TAU, lam=LAMBDAS[method])
             trainer = make_trainer(method, model, make_fabric(device), latents, settings, protected=other_classes)
             run = erase_until(trainer, check, THRESHOLD, args.check_every)
         after_images: dict[str, torch.Tensor] = {}
