@@ -92,13 +92,13 @@ class TrainingSettings:
             raise SettingsError(f"tau (--tau) must be a finite number, got {self.tau}.")
         if self.stop not in STOP_RULES:
             raise SettingsError(f"stop (--stop) must be one of {STOP_RULES}, got {self.stop!r}.")
+        if self.resume and self.checkpoint is None:
+            raise SettingsError("resume=True needs a checkpoint path (settings.checkpoint).")
 
     @property
     def stop_tau(self) -> float:
         """``tau``, or the stop rule's default when it is None."""
         return DEFAULT_TAU[self.stop] if self.tau is None else self.tau
-        if self.resume and self.checkpoint is None:
-            raise SettingsError("resume=True needs a checkpoint path (settings.checkpoint).")
 
     def with_lr(self, method: str, world: str) -> TrainingSettingsT:
         """These settings with ``lr`` filled in from the defaults when it is None."""

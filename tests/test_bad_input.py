@@ -22,6 +22,7 @@ import erasure
 from erasure import cli, files, runs
 from erasure.bases import CapacityError, compute_basis, compute_bases, load_basis, save_basis
 from erasure.errors import (
+    ErasureError,
     ErasureFileError,
     IncrementError,
     MetricsError,
@@ -358,6 +359,15 @@ def test_bad_training_flags_are_one_line(
     line = exit_line(train((cli.esd_parser(), ESDSettings), argv, monkeypatch), capsys)
     assert line.startswith(message)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("settings_class", [SepCESettings, CiESettings, ESDSettings])
+def test_settings_refuse_resume_without_a_checkpoint_and_an_unknown_stop_rule(settings_class: type) -> None:
+    with pytest.raises(ErasureError, match=r"resume=True needs a checkpoint path"):
+        settings_class(resume=True).validate()
+    with pytest.raises(ErasureError, match=r"stop \(--stop\) must be one of"):
+        settings_class(stop="sometimes").validate()
+    settings_class(resume=True, checkpoint="run.ckpt").validate()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
